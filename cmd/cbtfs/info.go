@@ -1,0 +1,31 @@
+package main
+
+import (
+	"context"
+
+	"github.com/cbtfs/cbtfs/internal/report"
+	"github.com/cbtfs/cbtfs/qcow"
+)
+
+type infoCmd struct {
+	JSON  bool   `help:"Print JSON in the shape of qemu-img info --output=json, with the whole chain under \"chain\"."`
+	Image string `arg:"" help:"The top qcow2 image of the chain."`
+}
+
+func (c *infoCmd) Run(ctx context.Context, g *Globals) error {
+	img, err := qcow.Open(c.Image, &qcow.Options{Logger: g.logger()})
+	if err != nil {
+		return err
+	}
+	defer img.Close()
+	layers, err := img.Layers()
+	if err != nil {
+		return err
+	}
+	if c.JSON {
+		_, err = g.stdout.Write(report.JSON(report.Info(layers)))
+	} else {
+		_, err = g.stdout.Write(report.InfoText(layers))
+	}
+	return err
+}
