@@ -26,7 +26,10 @@ const (
 // chainExport builds, in memory, the chain of formats.md section F: a base
 // with 1 MiB of data and a zero cluster at 3M, and an overlay with bitmap
 // bm0 that received three writes.
-func chainExport() *memExport {
+func chainExport() *memExport { return chainExportW(4 << 10) }
+
+// chainExportW is chainExport with a last write of w bytes at 2560K.
+func chainExportW(w int) *memExport {
 	m := newMemExport(chainSize, 64<<10, "bm0", true)
 	m.baseWrite(bytes.Repeat([]byte{1}, 1<<20), 0)
 	m.baseZero(3<<20, 64<<10)
@@ -34,7 +37,7 @@ func chainExport() *memExport {
 	if err := m.WriteZeroes(2<<20, 128<<10, true); err != nil {
 		panic(err)
 	}
-	mustWrite(m, bytes.Repeat([]byte{3}, 4<<10), 2560<<10)
+	mustWrite(m, bytes.Repeat([]byte{3}, w), 2560<<10)
 	return m
 }
 
