@@ -562,7 +562,7 @@ func TestModel(t *testing.T) {
 // operations, and checks each against the model.
 func FuzzDirtyMap(f *testing.F) {
 	for _, c := range modelConfigs {
-		if c.size/c.g > 1<<14 {
+		if c.size/c.g > 1<<12 {
 			continue
 		}
 		var seed [9]byte
@@ -576,7 +576,7 @@ func FuzzDirtyMap(f *testing.F) {
 		}
 		g := uint64(MinGranularity) << (data[0] % 23)
 		size := binary.BigEndian.Uint64(data[1:9])
-		if size/g > 1<<14 {
+		if size/g > 1<<12 {
 			t.Skip("too many granules for the model")
 		}
 		m, err := New(size, g)
