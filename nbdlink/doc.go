@@ -43,9 +43,16 @@
 // on — unknown commands and flags EINVAL, writes to a read-only export
 // EPERM, ranges past the end EINVAL (ENOSPC for writes), READ and WRITE
 // over 32 MiB EINVAL (a refused WRITE's payload is read and discarded).
-// Only a broken stream (bad magic, a length that cannot be honoured during
-// negotiation) or a failed write to the client drops the connection.
-// Backend errors are mapped as described at [ErrReadOnly].
+// A malformed option gets an NBD_REP_ERR_* reply and negotiation goes on.
+// The connection is dropped only where the protocol leaves no other way:
+// unknown client flags, a bad option or request magic, an option longer
+// than 32 MiB, EXPORT_NAME for an unknown export, any option but
+// EXPORT_NAME from a client without fixed newstyle, the negotiation
+// deadline, or a failed write to the client. Backend errors are mapped as
+// described at [ErrReadOnly].
+//
+// Sizes are served as [Export.Size] reports them (qemu-nbd rounds down to
+// a multiple of 512; with a minimum block size of 1 there is no need).
 //
 // Not supported: TLS, oldstyle negotiation, the experimental extended
 // headers and RESIZE extensions, and export sizes above math.MaxInt64.
