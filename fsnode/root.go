@@ -3,6 +3,8 @@ package fsnode
 import (
 	"context"
 	"log/slog"
+	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/hanwen/go-fuse/v2/fs"
@@ -23,6 +25,8 @@ type Root struct {
 	fs.Inode
 	img *qcow.Image
 	log *slog.Logger
+
+	ino atomic.Uint64 // the last inode number handed out
 }
 
 var _ fs.NodeOnAdder = (*Root)(nil)
@@ -40,22 +44,47 @@ func NewRoot(img *qcow.Image, opts *Options) *Root {
 	return &Root{img: img, log: o.Logger}
 }
 
-// Inode numbers of the fixed files, stable for the life of the mount.
-const (
-	inoDisk = 2 + iota
-	inoInfo
-	inoInfoJSON
-)
+// nextIno returns a new inode number. Every node gets a stable number for
+// the life of the mount: cp refuses files whose inode changes while it
+// copies them ("replaced while being copied").
+func (r *Root) nextIno() uint64 { return r.ino.Add(1) }
 
-// OnAdd builds the static part of the tree.
+// OnAdd builds the tree.
 func (r *Root) OnAdd(ctx context.Context) {
-	add := func(name string, ino uint64, node fs.InodeEmbedder) {
-		ch := r.NewPersistentInode(ctx, node, fs.StableAttr{Mode: syscall.S_IFREG, Ino: ino})
+	r.ino.Store(1) // the root
+	add := func(name string, node fs.InodeEmbedder) {
+		ch := r.NewPersistentInode(ctx, node, fs.StableAttr{Mode: syscall.S_IFREG, Ino: r.nextIno()})
 		r.AddChild(name, ch, true)
 	}
-	add("disk", inoDisk, &diskNode{img: r.img, log: r.log})
-	add("info", inoInfo, &genFile{log: r.log, gen: r.infoText})
-	add("info.json", inoInfoJSON, &genFile{log: r.log, gen: r.infoJSON})
+	add("disk", &diskNode{img: r.img, log: r.log})
+	add("info", &genFile{log: r.log, gen: r.infoText})
+	add("info.json", &genFile{log: r.log, gen: r.infoJSON})
+	listing := func(mk func(*qcow.Image) (*report.Listing, error), json bool) func() ([]byte, error) {
+		var once sync.Once
+		var l *report.Listing
+		var err error
+		return func() ([]byte, error) {
+			// The chain is read-only: its maps never change.
+			once.Do(func() { l, err = mk(r.img) })
+			if err != nil {
+				return nil, err
+			}
+			if json {
+				return l.JSON(), nil
+			}
+			return l.Text(), nil
+		}
+	}
+	add("allocation", &genFile{log: r.log, gen: listing(report.Allocation, false)})
+	add("allocation.json", &genFile{log: r.log, gen: listing(report.Allocation, true)})
+	add("depth", &genFile{log: r.log, gen: listing(report.Depth, false)})
+	add("depth.json", &genFile{log: r.log, gen: listing(report.Depth, true)})
+
+	bitmaps := r.NewPersistentInode(ctx, &fs.Inode{}, fs.StableAttr{Mode: syscall.S_IFDIR, Ino: r.nextIno()})
+	r.AddChild("bitmaps", bitmaps, true)
+	for _, b := range r.img.Bitmaps() {
+		r.addBitmapDir(ctx, bitmaps, b)
+	}
 }
 
 func (r *Root) infoText() ([]byte, error) {
@@ -63,7 +92,7 @@ func (r *Root) infoText() ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	return report.InfoText(layers), nil
+	return report.InfoText(layers, r.img.Bitmaps()), nil
 }
 
 func (r *Root) infoJSON() ([]byte, error) {
@@ -71,5 +100,5 @@ func (r *Root) infoJSON() ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	return report.JSON(report.Info(layers)), nil
+	return report.JSON(report.Info(layers, r.img.Bitmaps())), nil
 }

@@ -38,6 +38,11 @@ var (
 
 	// ErrNoBitmap is returned when a named bitmap does not exist.
 	ErrNoBitmap = errors.New("qcow: no such bitmap")
+
+	// ErrInconsistent is returned for a bitmap that was found in use (a
+	// process died while tracking with it, formats.md B.6): its bits are
+	// stale and it can only be removed, never used for a backup.
+	ErrInconsistent = errors.New("qcow: bitmap is inconsistent (found in use); it can only be removed")
 )
 
 // FormatError reports metadata that violates the qcow2 format or qemu's

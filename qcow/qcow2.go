@@ -41,6 +41,7 @@ type qcow2Layer struct {
 	dec       decompressor
 	snapshots []Snapshot
 	dir       []dirEntry // the bitmap directory
+	bitmaps   []*layerBitmap
 
 	zmu   sync.Mutex // guards zlast
 	zlast struct {   // the most recently decompressed cluster
@@ -90,6 +91,9 @@ func openQcow2(name string, f File, opts *Options) (*qcow2Layer, error) {
 		return nil, err
 	}
 	if l.dir, err = l.readBitmapDir(); err != nil {
+		return nil, err
+	}
+	if err := l.loadBitmaps(); err != nil {
 		return nil, err
 	}
 	return l, nil

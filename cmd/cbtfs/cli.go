@@ -16,6 +16,7 @@ type cli struct {
 
 	Mount mountCmd `cmd:"" help:"Mount a qcow2 image chain: the disk, its allocation maps and its bitmaps as files."`
 	Info  infoCmd  `cmd:"" help:"Describe a qcow2 image chain: layers, sizes, formats, bitmaps."`
+	Map   mapCmd   `cmd:"" help:"List allocation, allocation-depth or bitmap extents as nbdinfo --map does."`
 }
 
 // Globals are the flags every command takes, and the streams it writes to.
@@ -25,7 +26,8 @@ type Globals struct {
 
 	stdout io.Writer
 	stderr io.Writer
-	args   []string // the command line, for re-executing as a daemon
+	args   []string  // the command line, for re-executing as a daemon
+	daemon *reporter // set in a daemonized mount child: where to report readiness
 }
 
 // logger builds the process's slog handler from the flags.
@@ -45,7 +47,7 @@ type exitCode int
 // run parses args and runs the command; it returns the exit status.
 // Errors are printed as one line on stderr.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) (status int) {
-	c := cli{Globals: Globals{stdout: stdout, stderr: stderr, args: args}}
+	c := cli{Globals: Globals{stdout: stdout, stderr: stderr, args: args, daemon: takeDaemonReporter()}}
 	parser, err := kong.New(&c,
 		kong.Name("cbtfs"),
 		kong.Description("Change block tracking for qcow2 disks, as files."),
@@ -76,9 +78,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (status i
 	}
 	if err := kctx.Run(&c.Globals); err != nil {
 		msg := oneLine(err)
-		if r := daemonReporter(); r != nil {
-			r.fail(msg)
-		}
+		c.daemon.fail(msg)
 		fmt.Fprintf(stderr, "cbtfs: %s\n", msg)
 		return 1
 	}

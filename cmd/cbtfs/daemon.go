@@ -61,24 +61,37 @@ func daemonize(args []string) error {
 // reporter is the child's end of the readiness pipe.
 type reporter struct{ f *os.File }
 
-// daemonReporter returns the readiness pipe when running as a daemon
-// child, or nil.
-func daemonReporter() *reporter {
-	fd, err := strconv.Atoi(os.Getenv(daemonEnv))
+// takeDaemonReporter returns the readiness pipe when running as a daemon
+// child, or nil. It is called once per process: the variable is cleared
+// and the descriptor made close-on-exec so that programs the mount runs
+// (fusermount3) do not inherit it and keep the parent waiting.
+func takeDaemonReporter() *reporter {
+	v := os.Getenv(daemonEnv)
+	if v == "" {
+		return nil
+	}
+	os.Unsetenv(daemonEnv)
+	fd, err := strconv.Atoi(v)
 	if err != nil || fd < 3 {
 		return nil
 	}
+	syscall.CloseOnExec(fd)
 	return &reporter{f: os.NewFile(uintptr(fd), "ready")}
 }
 
+// ready tells the parent that the mount is ready. Calls on a nil
+// reporter do nothing.
 func (r *reporter) ready() {
-	fmt.Fprintln(r.f, "ready")
-	r.f.Close()
-	os.Unsetenv(daemonEnv)
+	if r != nil {
+		fmt.Fprintln(r.f, "ready")
+		r.f.Close()
+	}
 }
 
+// fail hands the parent the error line to print.
 func (r *reporter) fail(msg string) {
-	fmt.Fprintln(r.f, "error "+msg)
-	r.f.Close()
-	os.Unsetenv(daemonEnv)
+	if r != nil {
+		fmt.Fprintln(r.f, "error "+msg)
+		r.f.Close()
+	}
 }

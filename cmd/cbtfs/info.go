@@ -23,9 +23,9 @@ func (c *infoCmd) Run(ctx context.Context, g *Globals) error {
 		return err
 	}
 	if c.JSON {
-		_, err = g.stdout.Write(report.JSON(report.Info(layers)))
+		_, err = g.stdout.Write(report.JSON(report.Info(layers, img.Bitmaps())))
 	} else {
-		_, err = g.stdout.Write(report.InfoText(layers))
+		_, err = g.stdout.Write(report.InfoText(layers, img.Bitmaps()))
 	}
 	return err
 }

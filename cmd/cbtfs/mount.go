@@ -34,7 +34,7 @@ func (m *mountCmd) Run(ctx context.Context, g *Globals) error {
 	if !m.ReadOnly {
 		return errors.New("read-write mounts are not available in this version; use --read-only")
 	}
-	if m.Daemon && daemonReporter() == nil {
+	if m.Daemon && g.daemon == nil {
 		return daemonize(g.args)
 	}
 	log := g.logger()
@@ -76,9 +76,7 @@ func (m *mountCmd) Run(ctx context.Context, g *Globals) error {
 	if err != nil {
 		return fmt.Errorf("mount %s: %w", m.Mountpoint, err)
 	}
-	if r := daemonReporter(); r != nil {
-		r.ready()
-	}
+	g.daemon.ready()
 	done := make(chan struct{})
 	go func() {
 		server.Wait()

@@ -69,12 +69,25 @@ type SnapshotJSON struct {
 	VMStateSize uint64 `json:"vm-state-size"`
 }
 
-// InfoJSON is the output of `cbtfs info --json`: the top image exactly as
-// `qemu-img info --output=json` describes it, plus "chain", every layer
-// top first as `qemu-img info --backing-chain --output=json` lists them.
+// InfoJSON is the output of `cbtfs info --json` and MNT/info.json: the top
+// image exactly as `qemu-img info --output=json` describes it, plus
+// "chain", every layer top first as `qemu-img info --backing-chain
+// --output=json` lists them, and "bitmaps", the chain's bitmaps as the
+// mount shows them (the union of same-named bitmaps across layers).
 type InfoJSON struct {
 	ImageJSON
-	Chain []ImageJSON `json:"chain"`
+	Chain   []ImageJSON       `json:"chain"`
+	Bitmaps []ChainBitmapJSON `json:"bitmaps"`
+}
+
+// ChainBitmapJSON is one bitmap name of a chain.
+type ChainBitmapJSON struct {
+	Name        string `json:"name"`
+	Granularity uint64 `json:"granularity"`
+	Enabled     bool   `json:"enabled"`
+	InUse       bool   `json:"in-use"`
+	Layers      []int  `json:"layers"`
+	DirtyBytes  uint64 `json:"dirty-bytes"`
 }
 
 // Image converts one layer to qemu's JSON shape.
@@ -122,8 +135,8 @@ func Image(li qcow.LayerInfo) ImageJSON {
 }
 
 // Info builds the `cbtfs info --json` document for a chain.
-func Info(layers []qcow.LayerInfo) InfoJSON {
-	var out InfoJSON
+func Info(layers []qcow.LayerInfo, bitmaps []qcow.BitmapInfo) InfoJSON {
+	out := InfoJSON{Bitmaps: []ChainBitmapJSON{}}
 	for i, li := range layers {
 		j := Image(li)
 		if i == 0 {
@@ -131,7 +144,48 @@ func Info(layers []qcow.LayerInfo) InfoJSON {
 		}
 		out.Chain = append(out.Chain, j)
 	}
+	for _, b := range bitmaps {
+		out.Bitmaps = append(out.Bitmaps, ChainBitmapJSON{
+			Name: b.Name, Granularity: b.Granularity, Enabled: b.Enabled,
+			InUse: b.InUse, Layers: b.Layers, DirtyBytes: b.DirtyBytes,
+		})
+	}
 	return out
+}
+
+// BitmapStatus says in words whether a chain bitmap is usable.
+func BitmapStatus(b qcow.BitmapInfo) string {
+	switch {
+	case b.InUse:
+		return "inconsistent (found in use; it can only be removed)"
+	case b.Enabled:
+		return "enabled"
+	case len(b.Layers) > 0 && b.Layers[0] != 1:
+		return "backing layers only (writes do not mark it)"
+	}
+	return "disabled"
+}
+
+// BitmapText renders MNT/bitmaps/NAME/info.
+func BitmapText(b qcow.BitmapInfo, layers []qcow.LayerInfo) []byte {
+	var s strings.Builder
+	fmt.Fprintf(&s, "name: %s\n", b.Name)
+	fmt.Fprintf(&s, "granularity: %d\n", b.Granularity)
+	fmt.Fprintf(&s, "status: %s\n", BitmapStatus(b))
+	fmt.Fprintf(&s, "in use: %v\n", b.InUse)
+	s.WriteString("layers:")
+	for _, d := range b.Layers {
+		name := ""
+		if d-1 < len(layers) {
+			name = " (" + layers[d-1].Filename + ")"
+		}
+		fmt.Fprintf(&s, " %d%s", d, name)
+	}
+	s.WriteString("\n")
+	if !b.InUse {
+		fmt.Fprintf(&s, "dirty: %s (%d bytes)\n", humanize.IBytes(b.DirtyBytes), b.DirtyBytes)
+	}
+	return []byte(s.String())
 }
 
 // JSON renders v indented as qemu-img does, with a trailing newline.
@@ -145,7 +199,7 @@ func JSON(v any) []byte {
 }
 
 // InfoText renders the readable summary of `cbtfs info` and MNT/info.
-func InfoText(layers []qcow.LayerInfo) []byte {
+func InfoText(layers []qcow.LayerInfo, bitmaps []qcow.BitmapInfo) []byte {
 	var b bytes.Buffer
 	top := layers[0]
 	fmt.Fprintf(&b, "image: %s\n", top.Filename)
@@ -166,23 +220,31 @@ func InfoText(layers []qcow.LayerInfo) []byte {
 		}
 		fmt.Fprintf(&b, "  %d: %s (%s, %s%s)\n", i+1, li.Filename, li.Format, humanize.IBytes(li.VirtualSize), extra)
 	}
-	var bms []string
-	for i, li := range layers {
-		for _, bm := range li.Bitmaps {
-			flags := strings.Join(bm.Flags(), ",")
-			if flags == "" {
-				flags = "disabled"
-			}
-			bms = append(bms, fmt.Sprintf("  %s: granularity %d, flags %s, layer %d\n", bm.Name, bm.Granularity, flags, i+1))
-		}
-		if li.StaleBitmaps {
-			bms = append(bms, fmt.Sprintf("  (layer %d: bitmaps invalidated by a program without bitmap support; ignored)\n", i+1))
-		}
-	}
-	if len(bms) > 0 {
+	if len(bitmaps) > 0 {
 		b.WriteString("bitmaps:\n")
-		for _, s := range bms {
-			b.WriteString(s)
+	}
+	for _, bm := range bitmaps {
+		var per []string
+		for _, d := range bm.Layers {
+			for _, lb := range layers[d-1].Bitmaps {
+				if lb.Name == bm.Name {
+					flags := strings.Join(lb.Flags(), ",")
+					if flags == "" {
+						flags = "-"
+					}
+					per = append(per, fmt.Sprintf("layer %d [%s]", d, flags))
+				}
+			}
+		}
+		dirty := ""
+		if !bm.InUse {
+			dirty = fmt.Sprintf(", dirty %s (%d bytes)", humanize.IBytes(bm.DirtyBytes), bm.DirtyBytes)
+		}
+		fmt.Fprintf(&b, "  %s: %s, granularity %d%s; %s\n", bm.Name, BitmapStatus(bm), bm.Granularity, dirty, strings.Join(per, ", "))
+	}
+	for i, li := range layers {
+		if li.StaleBitmaps {
+			fmt.Fprintf(&b, "  (layer %d: bitmaps invalidated by a program without bitmap support; ignored)\n", i+1)
 		}
 	}
 	for i, li := range layers {

@@ -1,0 +1,204 @@
+package fsnode
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"sync"
+	"syscall"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/cbtfs/cbtfs/dirtymap"
+	"github.com/cbtfs/cbtfs/internal/report"
+	"github.com/cbtfs/cbtfs/qcow"
+)
+
+// bitmapSource gives the current union of one bitmap name of the chain.
+type bitmapSource struct {
+	img  *qcow.Image
+	name string
+
+	mu   sync.Mutex // guards bits
+	bits *dirtymap.Map
+}
+
+// snapshot returns the bitmap's bits as they are now. The chain is
+// read-only, so the union is computed once and shared; callers must not
+// modify it.
+func (s *bitmapSource) snapshot() (*dirtymap.Map, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.bits != nil {
+		return s.bits, nil
+	}
+	m, err := s.img.Bitmap(s.name)
+	if err != nil {
+		return nil, err
+	}
+	s.bits = m
+	return m, nil
+}
+
+// dirtyNode is MNT/bitmaps/NAME/dirty: the disk's size, the disk's bytes
+// inside dirty extents, holes elsewhere.
+type dirtyNode struct {
+	fs.Inode
+	src *bitmapSource
+	img *qcow.Image
+	log *slog.Logger
+}
+
+var (
+	_ fs.NodeGetattrer = (*dirtyNode)(nil)
+	_ fs.NodeOpener    = (*dirtyNode)(nil)
+	_ fs.NodeReader    = (*dirtyNode)(nil)
+	_ fs.NodeLseeker   = (*dirtyNode)(nil)
+)
+
+// dirtyHandle is an open dirty view: the bitmap it was opened on, so that
+// reads and seeks of one open file agree with each other.
+type dirtyHandle struct {
+	bits *dirtymap.Map
+}
+
+func (d *dirtyNode) bitsFor(fh fs.FileHandle) (*dirtymap.Map, syscall.Errno) {
+	if h, ok := fh.(*dirtyHandle); ok {
+		return h.bits, 0
+	}
+	m, err := d.src.snapshot()
+	if err != nil {
+		return nil, errnoOf(d.log, "bitmap", err)
+	}
+	return m, 0
+}
+
+func (d *dirtyNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	m, errno := d.bitsFor(fh)
+	if errno != 0 {
+		return errno
+	}
+	out.Mode = syscall.S_IFREG | 0o444
+	out.Size = d.img.Size()
+	// du and cp's sparse detection read st_blocks: the dirty bytes. go-fuse
+	// recomputes Blocks from Size unless Blksize is set.
+	out.Blksize = 1 << 16
+	out.Blocks = (m.DirtyBytes() + 511) / 512
+	return 0
+}
+
+func (d *dirtyNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if flags&(syscall.O_WRONLY|syscall.O_RDWR|syscall.O_TRUNC) != 0 {
+		return nil, 0, syscall.EACCES
+	}
+	m, errno := d.bitsFor(nil)
+	if errno != 0 {
+		return nil, 0, errno
+	}
+	return &dirtyHandle{bits: m}, fuse.FOPEN_KEEP_CACHE, 0
+}
+
+// Read returns the disk's bytes in dirty extents and zeros elsewhere,
+// without reading the image for the clean ranges.
+func (d *dirtyNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	m, errno := d.bitsFor(fh)
+	if errno != 0 {
+		return nil, errno
+	}
+	size := d.img.Size()
+	if off < 0 {
+		return nil, syscall.EINVAL
+	}
+	if uint64(off) >= size {
+		return fuse.ReadResultData(nil), 0
+	}
+	n := min(uint64(len(dest)), size-uint64(off))
+	buf := dest[:n]
+	var rerr error
+	m.Extents(uint64(off), n, func(eo, en uint64, dirty bool) bool {
+		part := buf[eo-uint64(off) : eo-uint64(off)+en]
+		if !dirty {
+			clear(part)
+			return true
+		}
+		if _, err := d.img.ReadAt(part, int64(eo)); err != nil && !errors.Is(err, io.EOF) {
+			rerr = err
+			return false
+		}
+		return true
+	})
+	if rerr != nil {
+		return nil, errnoOf(d.log, "read dirty view", rerr)
+	}
+	return fuse.ReadResultData(buf), 0
+}
+
+// Lseek reports exactly the dirty extents as data.
+func (d *dirtyNode) Lseek(ctx context.Context, fh fs.FileHandle, off uint64, whence uint32) (uint64, syscall.Errno) {
+	m, errno := d.bitsFor(fh)
+	if errno != 0 {
+		return 0, errno
+	}
+	walk := func(from uint64, fn func(off, n uint64, data bool) bool) error {
+		m.Extents(from, m.Size()-from, fn)
+		return nil
+	}
+	pos, err := seekDataHole(off, d.img.Size(), whence, walk)
+	if err != nil {
+		return 0, errnoOf(d.log, "lseek dirty view", err)
+	}
+	return pos, 0
+}
+
+// addBitmapDir adds MNT/bitmaps/NAME for one chain bitmap.
+func (r *Root) addBitmapDir(ctx context.Context, parent *fs.Inode, b qcow.BitmapInfo) {
+	dir := parent.NewPersistentInode(ctx, &fs.Inode{}, fs.StableAttr{Mode: syscall.S_IFDIR, Ino: r.nextIno()})
+	parent.AddChild(b.Name, dir, true)
+	name := b.Name
+	info := func() ([]byte, error) {
+		for _, bi := range r.img.Bitmaps() {
+			if bi.Name == name {
+				layers, err := r.img.Layers()
+				if err != nil {
+					return nil, err
+				}
+				return report.BitmapText(bi, layers), nil
+			}
+		}
+		return nil, qcow.ErrNoBitmap
+	}
+	addFile := func(fname string, node fs.InodeEmbedder) {
+		dir.AddChild(fname, dir.NewPersistentInode(ctx, node, fs.StableAttr{Mode: syscall.S_IFREG, Ino: r.nextIno()}), true)
+	}
+	addFile("info", &genFile{log: r.log, gen: info})
+	if b.InUse {
+		// An inconsistent bitmap shows only its info: its bits are stale
+		// and must never be used for a backup.
+		return
+	}
+	src := &bitmapSource{img: r.img, name: name}
+	listing := func() (*report.Listing, error) {
+		m, err := src.snapshot()
+		if err != nil {
+			return nil, err
+		}
+		return report.Bitmap(name, m), nil
+	}
+	addFile("extents", &genFile{log: r.log, gen: func() ([]byte, error) {
+		l, err := listing()
+		if err != nil {
+			return nil, err
+		}
+		return l.Text(), nil
+	}})
+	addFile("extents.json", &genFile{log: r.log, gen: func() ([]byte, error) {
+		l, err := listing()
+		if err != nil {
+			return nil, err
+		}
+		return l.JSON(), nil
+	}})
+	addFile("dirty", &dirtyNode{src: src, img: r.img, log: r.log})
+}
