@@ -1015,3 +1015,43 @@ func TestNewServerValidation(t *testing.T) {
 		})
 	}
 }
+
+// TestSyntheticBaseAllocation serves an export without meta contexts:
+// base:allocation is still offered and reports all data, and structured
+// reads never ask the export for block status.
+func TestSyntheticBaseAllocation(t *testing.T) {
+	d := &ramDisk{data: pattern(3, 1<<20)}
+	sock := serveOne(t, d, false)
+	r := dialRaw(t, sock)
+	r.start(3)
+	r.option(optStructured, nil)
+	if got := r.metaReplies(r.option(optListMeta, metaData(""))); fmt.Sprint(got) != "map[base:allocation:0]" {
+		t.Errorf("LIST = %v", got)
+	}
+	s := r.handshakeRestWith("", ctxBase, ctxDepth)
+	if fmt.Sprint(s.contexts) != "map[base:allocation:0]" {
+		t.Errorf("SET = %v", s.contexts)
+	}
+	got := r.blockStatus(1, 100, 5000, 0)
+	if fmt.Sprint(got) != fmt.Sprint(map[uint32][]extent{0: {{5000, 0}}}) {
+		t.Errorf("block status = %v", got)
+	}
+	r.request(0, cmdRead, 2, 0, 1<<20, nil)
+	rep := r.readReply(0)
+	if len(rep.chunks) != 1 || rep.chunks[0].typ != chunkOffsetData {
+		t.Fatalf("read: %d chunks", len(rep.chunks))
+	}
+	if data, err := assembleRead(rep, 0, 1<<20); err != nil || !bytes.Equal(data, d.data) {
+		t.Errorf("read: %v", err)
+	}
+}
+
+// handshakeRestWith selects contexts and sends GO, after structured
+// replies were negotiated.
+func (r *rawClient) handshakeRestWith(export string, queries ...string) session {
+	r.t.Helper()
+	var s session
+	s.contexts = r.metaReplies(r.option(optSetMeta, metaData(export, queries...)))
+	s.size, s.flags = r.goExport(export)
+	return s
+}
