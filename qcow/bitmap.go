@@ -11,7 +11,8 @@ import (
 // layerBitmap is a persistent bitmap of one layer with its loaded bits.
 type layerBitmap struct {
 	dirEntry
-	bits *dirtymap.Map // nil when the bitmap is in use (inconsistent)
+	bits    *dirtymap.Map // nil when the bitmap was found in use: inconsistent
+	enabled bool          // writes mark it (the auto flag)
 }
 
 // loadBitmaps reads the bits of every consistent bitmap of the layer, as
@@ -19,7 +20,7 @@ type layerBitmap struct {
 func (l *qcow2Layer) loadBitmaps() error {
 	l.bitmaps = make([]*layerBitmap, 0, len(l.dir))
 	for _, e := range l.dir {
-		b := &layerBitmap{dirEntry: e}
+		b := &layerBitmap{dirEntry: e, enabled: e.auto()}
 		if !e.inUse() {
 			m, err := l.loadBitmapData(&e)
 			if err != nil {
@@ -95,6 +96,8 @@ type BitmapInfo struct {
 
 // Bitmaps describes every bitmap name of the chain, sorted by name.
 func (img *Image) Bitmaps() []BitmapInfo {
+	img.mu.RLock()
+	defer img.mu.RUnlock()
 	byName := map[string]*BitmapInfo{}
 	var names []string
 	for d, l := range img.layers {
@@ -105,12 +108,12 @@ func (img *Image) Bitmaps() []BitmapInfo {
 		for _, b := range q.bitmaps {
 			bi := byName[b.name]
 			if bi == nil {
-				bi = &BitmapInfo{Name: b.name, Granularity: 1 << b.granBits, Enabled: d == 0 && b.auto()}
+				bi = &BitmapInfo{Name: b.name, Granularity: 1 << b.granBits, Enabled: d == 0 && b.enabled}
 				byName[b.name] = bi
 				names = append(names, b.name)
 			}
 			bi.Layers = append(bi.Layers, d+1)
-			bi.InUse = bi.InUse || b.inUse()
+			bi.InUse = bi.InUse || b.bits == nil
 		}
 	}
 	slices.Sort(names)
@@ -118,7 +121,7 @@ func (img *Image) Bitmaps() []BitmapInfo {
 	for _, n := range names {
 		bi := byName[n]
 		if !bi.InUse {
-			if m, err := img.Bitmap(n); err == nil {
+			if m, err := img.union(n); err == nil {
 				bi.DirtyBytes = m.DirtyBytes()
 			}
 		}
@@ -133,6 +136,13 @@ func (img *Image) Bitmaps() []BitmapInfo {
 // layer holds name and [ErrInconsistent] when any layer's copy was found
 // in use.
 func (img *Image) Bitmap(name string) (*dirtymap.Map, error) {
+	img.mu.RLock()
+	defer img.mu.RUnlock()
+	return img.union(name)
+}
+
+// union computes Bitmap; the caller holds img.mu.
+func (img *Image) union(name string) (*dirtymap.Map, error) {
 	var union *dirtymap.Map
 	for _, l := range img.layers {
 		q, ok := l.(*qcow2Layer)

@@ -32,6 +32,10 @@ var (
 	// read-only.
 	ErrReadOnly = errors.New("qcow: image is read-only")
 
+	// ErrNoSpace is returned when a write cannot be stored: the host file
+	// system is full, or the image reached a format limit.
+	ErrNoSpace = errors.New("qcow: no space left")
+
 	// ErrOutOfRange is returned for a guest range that does not lie within
 	// the virtual disk.
 	ErrOutOfRange = errors.New("qcow: range outside the virtual disk")

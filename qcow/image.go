@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 )
 
 // Options configure [Open]. The zero value (or nil) gives the defaults.
@@ -21,9 +22,14 @@ type Options struct {
 	// L2CacheBytes bounds the L2 table cache of each layer; 0 means 32 MiB.
 	L2CacheBytes int
 
-	// OpenFile opens the file of one layer. Nil means os.Open. Tests and
-	// fuzzers use it to serve layers from memory.
-	OpenFile func(name string) (File, error)
+	// Writable opens the top image for writing. Backing files are always
+	// opened read-only.
+	Writable bool
+
+	// OpenFile opens the file of one layer, for writing when writable is
+	// set. Nil means os.OpenFile. Tests and fuzzers use it to serve layers
+	// from memory.
+	OpenFile func(name string, writable bool) (File, error)
 }
 
 // Image is an open qcow2 image together with its whole backing chain. Its
@@ -35,9 +41,20 @@ type Options struct {
 // concurrently with anything else.
 type Image struct {
 	// Immutable after Open.
-	layers []layer // layers[0] is the top image
-	size   uint64
-	log    *slog.Logger
+	layers   []layer // layers[0] is the top image
+	size     uint64
+	log      *slog.Logger
+	writable bool
+
+	// mu is held for reading by ReadAt, Extents and bitmap queries, and
+	// for writing by every change: writes, bitmap operations, flushes.
+	// It is held across the host I/O of a request, so a read never sees a
+	// cluster that a concurrent write is moving.
+	mu sync.RWMutex
+
+	// version counts changes to the disk or its bitmaps, so that views
+	// generated from them know when to regenerate.
+	version atomic.Uint64
 
 	closeOnce sync.Once
 	closeErr  error
@@ -59,9 +76,14 @@ func Open(path string, opts *Options) (*Image, error) {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
 	if o.OpenFile == nil {
-		o.OpenFile = func(name string) (File, error) { return os.Open(name) }
+		o.OpenFile = func(name string, writable bool) (File, error) {
+			if writable {
+				return os.OpenFile(name, os.O_RDWR, 0)
+			}
+			return os.Open(name)
+		}
 	}
-	img := &Image{log: o.Logger}
+	img := &Image{log: o.Logger, writable: o.Writable}
 	ok := false
 	defer func() {
 		if !ok {
@@ -75,7 +97,7 @@ func Open(path string, opts *Options) (*Image, error) {
 		if depth >= MaxChainDepth {
 			return nil, fmt.Errorf("%w: %s: more than %d layers", ErrBackingLoop, path, MaxChainDepth)
 		}
-		f, err := o.OpenFile(name)
+		f, err := o.OpenFile(name, o.Writable && depth == 0)
 		if err != nil {
 			if depth == 0 {
 				return nil, fmt.Errorf("qcow: %w", err)
@@ -108,6 +130,13 @@ func Open(path string, opts *Options) (*Image, error) {
 		default:
 			err = &FeatureError{File: name, Feature: fmt.Sprintf("image format %q", format)}
 		}
+		if err == nil {
+			locks := readLocks
+			if o.Writable && depth == 0 {
+				locks = writeLocks
+			}
+			err = lockFile(name, f, locks)
+		}
 		if err != nil {
 			f.Close()
 			return nil, err
@@ -127,6 +156,11 @@ func Open(path string, opts *Options) (*Image, error) {
 		}
 	}
 	img.size = img.layers[0].virtualSize()
+	if o.Writable {
+		if err := img.openForWriting(); err != nil {
+			return nil, err
+		}
+	}
 	ok = true
 	return img, nil
 }
@@ -159,10 +193,17 @@ func probeFormat(f File) (string, error) {
 	return "raw", nil
 }
 
-// Close closes every file of the chain. It is safe to call more than once.
+// Close stores the bitmaps of a writable image (clearing their in-use
+// flags), flushes everything and closes every file of the chain, which
+// releases the locks. It is safe to call more than once.
 func (img *Image) Close() error {
 	img.closeOnce.Do(func() {
 		var errs []error
+		if w := img.writer(); w != nil {
+			img.mu.Lock()
+			errs = append(errs, w.closeClean())
+			img.mu.Unlock()
+		}
 		for _, l := range img.layers {
 			errs = append(errs, l.close())
 		}
@@ -194,7 +235,10 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 	if rest := img.size - uint64(off); uint64(n) > rest {
 		n = int(rest)
 	}
-	if err := img.readLayer(0, p[:n], uint64(off)); err != nil {
+	img.mu.RLock()
+	err := img.readLayer(0, p[:n], uint64(off))
+	img.mu.RUnlock()
+	if err != nil {
 		return 0, err
 	}
 	if n < len(p) {
@@ -265,7 +309,10 @@ func (img *Image) Extents(off, n uint64, fn func(Extent) bool) error {
 	}
 	n = min(n, img.size-off)
 	w := extentWalker{fn: fn}
-	if err := img.status(&w, 0, off, n); err != nil {
+	img.mu.RLock()
+	err := img.status(&w, 0, off, n)
+	img.mu.RUnlock()
+	if err != nil {
 		return err
 	}
 	w.flush()

@@ -97,9 +97,9 @@ func layerInfo(l layer) (LayerInfo, error) {
 		}
 		li.BackingFormat = h.backingFormat
 		li.StaleBitmaps = h.staleBitmaps
-		for _, e := range l.dir {
+		for _, b := range l.bitmaps {
 			li.Bitmaps = append(li.Bitmaps, LayerBitmap{
-				Name: e.name, Granularity: 1 << e.granBits, InUse: e.inUse(), Auto: e.auto(),
+				Name: b.name, Granularity: 1 << b.granBits, InUse: b.bits == nil, Auto: b.enabled,
 			})
 		}
 		li.Snapshots = l.snapshots

@@ -37,11 +37,12 @@ type qcow2Layer struct {
 	unitBits    uint32 // subcluster size bits with extended L2, else clusterBits
 
 	l1        []uint64
-	l2        *tableCache
+	l2        *metaCache
 	dec       decompressor
 	snapshots []Snapshot
 	dir       []dirEntry // the bitmap directory
 	bitmaps   []*layerBitmap
+	w         *writer // nil unless this is the writable top layer
 
 	zmu   sync.Mutex // guards zlast
 	zlast struct {   // the most recently decompressed cluster
@@ -83,7 +84,7 @@ func openQcow2(name string, f File, opts *Options) (*qcow2Layer, error) {
 	if opts != nil && opts.L2CacheBytes > 0 {
 		cacheBytes = opts.L2CacheBytes
 	}
-	l.l2 = newTableCache(cacheBytes)
+	l.l2 = newMetaCache(cacheBytes)
 	if err := l.loadL1(); err != nil {
 		return nil, err
 	}
@@ -125,8 +126,8 @@ func (l *qcow2Layer) corrupt(off int64, field string, val any) error {
 }
 
 // l2Table returns the L2 table at host offset off, from the cache or the
-// file. The returned slice must not be modified by readers.
-func (l *qcow2Layer) l2Table(off uint64) ([]uint64, error) {
+// file. Readers must not modify it.
+func (l *qcow2Layer) l2Table(off uint64) (*table, error) {
 	if t := l.l2.get(off); t != nil {
 		return t, nil
 	}
@@ -135,25 +136,20 @@ func (l *qcow2Layer) l2Table(off uint64) ([]uint64, error) {
 	if off%l.clusterSize != 0 || off > maxHostOffset {
 		return nil, l.corrupt(int64(off), "L2 table offset (unaligned)", fmt.Sprintf("%#x", off))
 	}
-	buf := make([]byte, l.clusterSize)
-	if err := readFull(l.f, buf, int64(off)); err != nil {
+	t := &table{off: off, b: make([]byte, l.clusterSize)}
+	if err := readFull(l.f, t.b, int64(off)); err != nil {
 		return nil, fmt.Errorf("qcow: %s: read L2 table at %#x: %w", l.name, off, err)
 	}
-	t := make([]uint64, l.clusterSize/8)
-	for i := range t {
-		t[i] = binary.BigEndian.Uint64(buf[i*8:])
-	}
-	l.l2.put(off, t)
-	return t, nil
+	return l.l2.put(t), nil
 }
 
 // classify returns the kind of allocation unit u (a cluster, or with
 // extended L2 a subcluster) of the table tbl at index i, and for data the
 // host offset of the unit's first byte. It follows qemu's
 // qcow2_get_cluster_type and qcow2_get_subcluster_type.
-func (l *qcow2Layer) classify(tbl []uint64, i uint64, sc uint64) (runKind, uint64, error) {
+func (l *qcow2Layer) classify(tbl *table, i uint64, sc uint64) (runKind, uint64, error) {
 	if !l.h.extL2() {
-		e := tbl[i]
+		e := tbl.u64(i)
 		if e&entryCompressed != 0 {
 			return runCompressed, e &^ (entryCopied | entryCompressed), nil
 		}
@@ -173,7 +169,7 @@ func (l *qcow2Layer) classify(tbl []uint64, i uint64, sc uint64) (runKind, uint6
 		}
 		return runData, off, nil
 	}
-	e, bm := tbl[2*i], tbl[2*i+1]
+	e, bm := tbl.u64(2*i), tbl.u64(2*i+1)
 	if e&entryCompressed != 0 {
 		return runCompressed, e &^ (entryCopied | entryCompressed), nil
 	}
