@@ -28,7 +28,7 @@ type writer struct {
 	// bitmapsClean is set after a store that cleared the in-use flags;
 	// the next change must set them again first (markInUse).
 	bitmapsClean bool
-	zeros   []byte // one cluster of zeros, read-only
+	zeros        []byte // one cluster of zeros, read-only
 }
 
 type hostRange struct{ off, n uint64 }
