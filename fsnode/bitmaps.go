@@ -21,24 +21,26 @@ type bitmapSource struct {
 	img  *qcow.Image
 	name string
 
-	mu   sync.Mutex // guards bits
+	mu   sync.Mutex // guards bits and ver
 	bits *dirtymap.Map
+	ver  uint64
 }
 
-// snapshot returns the bitmap's bits as they are now. The chain is
-// read-only, so the union is computed once and shared; callers must not
-// modify it.
+// snapshot returns the bitmap's bits as they are now: a union computed
+// afresh after any change to the image, shared until the next one.
+// Callers must not modify it.
 func (s *bitmapSource) snapshot() (*dirtymap.Map, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.bits != nil {
+	v := s.img.Version()
+	if s.bits != nil && s.ver == v {
 		return s.bits, nil
 	}
 	m, err := s.img.Bitmap(s.name)
 	if err != nil {
 		return nil, err
 	}
-	s.bits = m
+	s.bits, s.ver = m, v
 	return m, nil
 }
 
@@ -96,6 +98,10 @@ func (d *dirtyNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint
 	m, errno := d.bitsFor(nil)
 	if errno != 0 {
 		return nil, 0, errno
+	}
+	if d.img.Writable() {
+		// The disk can change under this view: no page cache.
+		return &dirtyHandle{bits: m}, fuse.FOPEN_DIRECT_IO, 0
 	}
 	return &dirtyHandle{bits: m}, fuse.FOPEN_KEEP_CACHE, 0
 }
@@ -172,7 +178,7 @@ func (r *Root) addBitmapDir(ctx context.Context, parent *fs.Inode, b qcow.Bitmap
 	addFile := func(fname string, node fs.InodeEmbedder) {
 		dir.AddChild(fname, dir.NewPersistentInode(ctx, node, fs.StableAttr{Mode: syscall.S_IFREG, Ino: r.nextIno()}), true)
 	}
-	addFile("info", &genFile{log: r.log, gen: info})
+	addFile("info", &genFile{log: r.log, version: r.img.Version, gen: info})
 	if b.InUse {
 		// An inconsistent bitmap shows only its info: its bits are stale
 		// and must never be used for a backup.
@@ -186,14 +192,14 @@ func (r *Root) addBitmapDir(ctx context.Context, parent *fs.Inode, b qcow.Bitmap
 		}
 		return report.Bitmap(name, m), nil
 	}
-	addFile("extents", &genFile{log: r.log, gen: func() ([]byte, error) {
+	addFile("extents", &genFile{log: r.log, version: r.img.Version, gen: func() ([]byte, error) {
 		l, err := listing()
 		if err != nil {
 			return nil, err
 		}
 		return l.Text(), nil
 	}})
-	addFile("extents.json", &genFile{log: r.log, gen: func() ([]byte, error) {
+	addFile("extents.json", &genFile{log: r.log, version: r.img.Version, gen: func() ([]byte, error) {
 		l, err := listing()
 		if err != nil {
 			return nil, err

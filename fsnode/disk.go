@@ -14,56 +14,96 @@ import (
 	"github.com/cbtfs/cbtfs/qcow"
 )
 
-// diskNode is MNT/disk: the guest-visible bytes of the whole chain.
+// diskNode is MNT/disk: the guest-visible bytes of the whole chain,
+// writable unless the image was opened read-only.
 type diskNode struct {
 	fs.Inode
 	img *qcow.Image
 	log *slog.Logger
 
-	allocOnce  sync.Once // the allocated byte count, for st_blocks
+	mu         sync.Mutex // guards the allocated-bytes cache
+	allocVer   uint64
+	allocValid bool
 	allocBytes uint64
 }
 
 var (
 	_ fs.NodeGetattrer = (*diskNode)(nil)
+	_ fs.NodeSetattrer = (*diskNode)(nil)
 	_ fs.NodeOpener    = (*diskNode)(nil)
 	_ fs.NodeReader    = (*diskNode)(nil)
+	_ fs.NodeWriter    = (*diskNode)(nil)
+	_ fs.NodeFsyncer   = (*diskNode)(nil)
+	_ fs.NodeAllocater = (*diskNode)(nil)
 	_ fs.NodeLseeker   = (*diskNode)(nil)
 )
 
 // allocated returns the bytes that hold data in some layer, so that du
-// shows the allocated bytes of the disk.
+// shows the allocated bytes of the disk. It is recomputed only after the
+// disk changed.
 func (d *diskNode) allocated() uint64 {
-	d.allocOnce.Do(func() {
-		err := d.img.Extents(0, d.img.Size(), func(e qcow.Extent) bool {
-			if !e.Zero {
-				d.allocBytes += e.Len
-			}
-			return true
-		})
-		if err != nil {
-			d.log.Error("count allocated bytes", "err", err)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	v := d.img.Version()
+	if d.allocValid && v == d.allocVer {
+		return d.allocBytes
+	}
+	n := uint64(0)
+	err := d.img.Extents(0, d.img.Size(), func(e qcow.Extent) bool {
+		if !e.Zero {
+			n += e.Len
 		}
+		return true
 	})
-	return d.allocBytes
+	if err != nil {
+		d.log.Error("count allocated bytes", "err", err)
+		return d.allocBytes
+	}
+	d.allocBytes, d.allocVer, d.allocValid = n, v, true
+	return n
+}
+
+func (d *diskNode) mode() uint32 {
+	if d.img.Writable() {
+		return syscall.S_IFREG | 0o644
+	}
+	return syscall.S_IFREG | 0o444
 }
 
 func (d *diskNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	out.Mode = syscall.S_IFREG | 0o444
+	out.Mode = d.mode()
 	out.Size = d.img.Size()
 	out.Blksize = 1 << 16
 	out.Blocks = (d.allocated() + 511) / 512
 	return 0
 }
 
+// Setattr refuses to change the size: the virtual disk has a fixed size.
+// Other attribute changes (times, mode) are accepted and ignored.
+func (d *diskNode) Setattr(ctx context.Context, fh fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	if sz, ok := in.GetSize(); ok && sz != d.img.Size() {
+		return syscall.EPERM
+	}
+	return d.Getattr(ctx, fh, out)
+}
+
 func (d *diskNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	writing := flags&(syscall.O_WRONLY|syscall.O_RDWR) != 0
 	// Root ignores mode bits, so a read-only disk must refuse writers here.
-	if flags&(syscall.O_WRONLY|syscall.O_RDWR|syscall.O_TRUNC) != 0 {
+	if writing && !d.img.Writable() {
 		return nil, 0, syscall.EROFS
 	}
-	// The content of a read-only chain never changes: let the kernel keep
-	// its page cache across opens.
-	return nil, fuse.FOPEN_KEEP_CACHE, 0
+	if flags&syscall.O_TRUNC != 0 {
+		return nil, 0, syscall.EPERM
+	}
+	if !d.img.Writable() {
+		// The content of a read-only chain never changes: let the kernel
+		// keep its page cache across opens.
+		return nil, fuse.FOPEN_KEEP_CACHE, 0
+	}
+	// A writable disk can also change through NBD: no page cache, every
+	// read comes here.
+	return nil, fuse.FOPEN_DIRECT_IO, 0
 }
 
 func (d *diskNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
@@ -78,6 +118,63 @@ func (d *diskNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 		return nil, errnoOf(d.log, "read disk", err)
 	}
 	return fuse.ReadResultData(dest[:n]), 0
+}
+
+// Write stores data at off. A write that runs past the end of the disk
+// fails with EFBIG and changes nothing.
+func (d *diskNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
+	if off < 0 || uint64(off) > d.img.Size() || uint64(len(data)) > d.img.Size()-uint64(off) {
+		return 0, syscall.EFBIG
+	}
+	if _, err := d.img.WriteAt(data, off); err != nil {
+		return 0, errnoOf(d.log, "write disk", err)
+	}
+	return uint32(len(data)), 0
+}
+
+// Fsync makes every completed write durable (fsync and fdatasync alike).
+func (d *diskNode) Fsync(ctx context.Context, fh fs.FileHandle, flags uint32) syscall.Errno {
+	return errnoOf(d.log, "fsync disk", d.img.Flush())
+}
+
+// Linux fallocate(2) modes.
+const (
+	fallocKeepSize  = 0x01
+	fallocPunchHole = 0x02
+	fallocZeroRange = 0x10
+)
+
+// Allocate implements fallocate: PUNCH_HOLE (with KEEP_SIZE) releases the
+// range, ZERO_RANGE zeroes it keeping the clusters; plain allocation
+// inside the disk has nothing to do. Growing the disk is refused.
+func (d *diskNode) Allocate(ctx context.Context, fh fs.FileHandle, off, size uint64, mode uint32) syscall.Errno {
+	if !d.img.Writable() {
+		return syscall.EROFS
+	}
+	if size > d.img.Size() || off > d.img.Size()-size {
+		if mode&(fallocKeepSize|fallocPunchHole) == 0 {
+			return syscall.EFBIG
+		}
+		if off >= d.img.Size() {
+			return 0
+		}
+		size = d.img.Size() - off
+	}
+	var err error
+	switch mode &^ fallocKeepSize {
+	case 0:
+		return 0
+	case fallocPunchHole:
+		if mode&fallocKeepSize == 0 {
+			return syscall.EOPNOTSUPP
+		}
+		err = d.img.WriteZeroes(off, size, true)
+	case fallocZeroRange:
+		err = d.img.WriteZeroes(off, size, false)
+	default:
+		return syscall.EOPNOTSUPP
+	}
+	return errnoOf(d.log, "fallocate disk", err)
 }
 
 // Lseek answers SEEK_DATA and SEEK_HOLE from the chain's extents: ranges

@@ -24,6 +24,8 @@ func errnoOf(log *slog.Logger, op string, err error) syscall.Errno {
 		return syscall.EROFS
 	case errors.Is(err, qcow.ErrOutOfRange):
 		return syscall.EINVAL
+	case errors.Is(err, qcow.ErrNoSpace):
+		return syscall.ENOSPC
 	case errors.Is(err, qcow.ErrNoBitmap):
 		return syscall.ENOENT
 	}

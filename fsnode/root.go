@@ -3,7 +3,6 @@ package fsnode
 import (
 	"context"
 	"log/slog"
-	"sync"
 	"sync/atomic"
 	"syscall"
 
@@ -57,15 +56,11 @@ func (r *Root) OnAdd(ctx context.Context) {
 		r.AddChild(name, ch, true)
 	}
 	add("disk", &diskNode{img: r.img, log: r.log})
-	add("info", &genFile{log: r.log, gen: r.infoText})
-	add("info.json", &genFile{log: r.log, gen: r.infoJSON})
+	add("info", &genFile{log: r.log, version: r.img.Version, gen: r.infoText})
+	add("info.json", &genFile{log: r.log, version: r.img.Version, gen: r.infoJSON})
 	listing := func(mk func(*qcow.Image) (*report.Listing, error), json bool) func() ([]byte, error) {
-		var once sync.Once
-		var l *report.Listing
-		var err error
 		return func() ([]byte, error) {
-			// The chain is read-only: its maps never change.
-			once.Do(func() { l, err = mk(r.img) })
+			l, err := mk(r.img)
 			if err != nil {
 				return nil, err
 			}
@@ -75,10 +70,10 @@ func (r *Root) OnAdd(ctx context.Context) {
 			return l.Text(), nil
 		}
 	}
-	add("allocation", &genFile{log: r.log, gen: listing(report.Allocation, false)})
-	add("allocation.json", &genFile{log: r.log, gen: listing(report.Allocation, true)})
-	add("depth", &genFile{log: r.log, gen: listing(report.Depth, false)})
-	add("depth.json", &genFile{log: r.log, gen: listing(report.Depth, true)})
+	add("allocation", &genFile{log: r.log, version: r.img.Version, gen: listing(report.Allocation, false)})
+	add("allocation.json", &genFile{log: r.log, version: r.img.Version, gen: listing(report.Allocation, true)})
+	add("depth", &genFile{log: r.log, version: r.img.Version, gen: listing(report.Depth, false)})
+	add("depth.json", &genFile{log: r.log, version: r.img.Version, gen: listing(report.Depth, true)})
 
 	bitmaps := r.NewPersistentInode(ctx, &fs.Inode{}, fs.StableAttr{Mode: syscall.S_IFDIR, Ino: r.nextIno()})
 	r.AddChild("bitmaps", bitmaps, true)

@@ -31,9 +31,6 @@ type mountCmd struct {
 }
 
 func (m *mountCmd) Run(ctx context.Context, g *Globals) error {
-	if !m.ReadOnly {
-		return errors.New("read-write mounts are not available in this version; use --read-only")
-	}
 	if m.Daemon && g.daemon == nil {
 		return daemonize(g.args)
 	}
@@ -41,7 +38,7 @@ func (m *mountCmd) Run(ctx context.Context, g *Globals) error {
 	if err := prepareMountpoint(m.Mountpoint, log); err != nil {
 		return err
 	}
-	img, err := qcow.Open(m.Image, &qcow.Options{Logger: log})
+	img, err := qcow.Open(m.Image, &qcow.Options{Logger: log, Writable: !m.ReadOnly})
 	if err != nil {
 		return err
 	}
@@ -58,7 +55,7 @@ func (m *mountCmd) Run(ctx context.Context, g *Globals) error {
 			Debug:        m.Debug,
 			MaxWrite:     1 << 20,
 			MaxReadAhead: 1 << 20,
-			Options:      []string{"ro", "default_permissions"},
+			Options:      mountFlags(m.ReadOnly),
 			// The kernel may use several threads; the engine is safe for
 			// parallel reads.
 			MaxBackground: 64,
@@ -93,6 +90,14 @@ func (m *mountCmd) Run(ctx context.Context, g *Globals) error {
 			}
 		}
 	}
+}
+
+// mountFlags returns the FUSE mount options.
+func mountFlags(ro bool) []string {
+	if ro {
+		return []string{"ro", "default_permissions"}
+	}
+	return []string{"default_permissions"}
 }
 
 // prepareMountpoint checks that mnt is a directory cbtfs can mount on. A
