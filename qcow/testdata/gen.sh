@@ -191,10 +191,10 @@ fixture bitmaps bitmaps/disk.qcow2
 
 # layers: bitmaps in two layers. u1 and u2 are in both (the chain's u1 is
 # the union, fine granularity over coarse and coarse over fine), baseonly
-# only in the base, toponly only in the top. The top is larger than the
-# base and its size is not a multiple of 64 KiB.
+# only in the base, toponly only in the top. Both layers are 2 MiB + 4 KiB,
+# not a multiple of 64 KiB (qemu merges only bitmaps of equal sizes).
 mkdir layers
-create -o cluster_size=4k layers/base.qcow2 2M
+create -o cluster_size=4k layers/base.qcow2 2101248
 qemu-img bitmap --add -g 64k layers/base.qcow2 u1
 qemu-img bitmap --add -g 512 layers/base.qcow2 u2
 qemu-img bitmap --add -g 4k layers/base.qcow2 baseonly
