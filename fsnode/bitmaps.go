@@ -158,6 +158,82 @@ func (d *dirtyNode) Lseek(ctx context.Context, fh fs.FileHandle, off uint64, whe
 	return pos, 0
 }
 
+// bitmapsDir is MNT/bitmaps: one directory per bitmap name of the chain.
+// mkdir adds a bitmap (enabled, default granularity), rmdir removes it.
+type bitmapsDir struct {
+	fs.Inode
+	root *Root
+}
+
+var (
+	_ fs.NodeMkdirer = (*bitmapsDir)(nil)
+	_ fs.NodeRmdirer = (*bitmapsDir)(nil)
+)
+
+// Mkdir adds bitmap name to the top image, as "bitmap add NAME" does.
+func (d *bitmapsDir) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	if !d.root.img.Writable() {
+		return nil, syscall.EROFS
+	}
+	if err := d.root.img.AddBitmap(name, 0, false); err != nil {
+		return nil, commandErrno(d.root, err)
+	}
+	d.root.syncBitmaps(ctx, false)
+	ch := d.GetChild(name)
+	if ch == nil {
+		return nil, syscall.EIO
+	}
+	out.Mode = syscall.S_IFDIR | 0o755
+	return ch, 0
+}
+
+// Rmdir removes bitmap name from every layer that holds it.
+func (d *bitmapsDir) Rmdir(ctx context.Context, name string) syscall.Errno {
+	if !d.root.img.Writable() {
+		return syscall.EROFS
+	}
+	err := d.root.img.RemoveBitmap(name)
+	d.root.syncBitmaps(ctx, false)
+	if err != nil {
+		return commandErrno(d.root, err)
+	}
+	return 0
+}
+
+// syncBitmaps makes MNT/bitmaps show the chain's bitmaps as they are now:
+// directories for new names, none for removed ones, and a rebuilt one for
+// a bitmap whose consistency changed. With notify, cached kernel entries
+// are invalidated so that the change shows at once; it must be off inside
+// a mkdir or rmdir of MNT/bitmaps, where the kernel holds the directory
+// lock that an invalidation needs (and updates its cache itself).
+func (r *Root) syncBitmaps(ctx context.Context, notify bool) {
+	r.bmu.Lock()
+	defer r.bmu.Unlock()
+	dir := r.bitmaps
+	want := map[string]qcow.BitmapInfo{}
+	for _, b := range r.img.Bitmaps() {
+		want[b.Name] = b
+	}
+	for name := range dir.Children() {
+		b, ok := want[name]
+		if ok && r.bitmapInconsistent[name] == b.InUse {
+			delete(want, name)
+			continue
+		}
+		dir.RmChild(name)
+		delete(r.bitmapInconsistent, name)
+		if notify {
+			_ = dir.NotifyEntry(name)
+		}
+	}
+	for _, b := range want {
+		r.addBitmapDir(ctx, &dir.Inode, b)
+		if notify {
+			_ = dir.NotifyEntry(b.Name)
+		}
+	}
+}
+
 // addBitmapDir adds MNT/bitmaps/NAME for one chain bitmap.
 func (r *Root) addBitmapDir(ctx context.Context, parent *fs.Inode, b qcow.BitmapInfo) {
 	dir := parent.NewPersistentInode(ctx, &fs.Inode{}, fs.StableAttr{Mode: syscall.S_IFDIR, Ino: r.nextIno()})
@@ -179,6 +255,7 @@ func (r *Root) addBitmapDir(ctx context.Context, parent *fs.Inode, b qcow.Bitmap
 		dir.AddChild(fname, dir.NewPersistentInode(ctx, node, fs.StableAttr{Mode: syscall.S_IFREG, Ino: r.nextIno()}), true)
 	}
 	addFile("info", &genFile{log: r.log, version: r.img.Version, gen: info})
+	r.bitmapInconsistent[name] = b.InUse
 	if b.InUse {
 		// An inconsistent bitmap shows only its info: its bits are stale
 		// and must never be used for a backup.

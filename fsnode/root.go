@@ -3,6 +3,7 @@ package fsnode
 import (
 	"context"
 	"log/slog"
+	"sync"
 	"sync/atomic"
 	"syscall"
 
@@ -26,6 +27,13 @@ type Root struct {
 	log *slog.Logger
 
 	ino atomic.Uint64 // the last inode number handed out
+
+	bitmaps *bitmapsDir
+	// bmu serializes changes to the bitmaps directory tree and guards
+	// bitmapInconsistent: the consistency each bitmap directory was built
+	// for.
+	bmu                sync.Mutex
+	bitmapInconsistent map[string]bool
 }
 
 var _ fs.NodeOnAdder = (*Root)(nil)
@@ -40,7 +48,7 @@ func NewRoot(img *qcow.Image, opts *Options) *Root {
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Root{img: img, log: o.Logger}
+	return &Root{img: img, log: o.Logger, bitmapInconsistent: map[string]bool{}}
 }
 
 // nextIno returns a new inode number. Every node gets a stable number for
@@ -75,11 +83,11 @@ func (r *Root) OnAdd(ctx context.Context) {
 	add("depth", &genFile{log: r.log, version: r.img.Version, gen: listing(report.Depth, false)})
 	add("depth.json", &genFile{log: r.log, version: r.img.Version, gen: listing(report.Depth, true)})
 
-	bitmaps := r.NewPersistentInode(ctx, &fs.Inode{}, fs.StableAttr{Mode: syscall.S_IFDIR, Ino: r.nextIno()})
-	r.AddChild("bitmaps", bitmaps, true)
-	for _, b := range r.img.Bitmaps() {
-		r.addBitmapDir(ctx, bitmaps, b)
-	}
+	r.bitmaps = &bitmapsDir{root: r}
+	r.AddChild("bitmaps", r.NewPersistentInode(ctx, r.bitmaps, fs.StableAttr{Mode: syscall.S_IFDIR, Ino: r.nextIno()}), true)
+	ctl := &controlNode{root: r}
+	r.AddChild("control", r.NewPersistentInode(ctx, ctl, fs.StableAttr{Mode: syscall.S_IFREG, Ino: r.nextIno()}), true)
+	r.syncBitmaps(ctx, false)
 }
 
 func (r *Root) infoText() ([]byte, error) {

@@ -96,6 +96,15 @@ func (w *writer) store(clearInUse bool) error {
 	if h.bitmaps != nil {
 		oldFree = append(oldFree, hostRange{h.bitmaps.dirOff, h.bitmaps.dirSize})
 	}
+	for _, e := range l.removed {
+		if e.tableOff != 0 {
+			old, err := w.oldTableClusters(&e)
+			if err != nil {
+				return err
+			}
+			oldFree = append(oldFree, old...)
+		}
+	}
 	for _, b := range l.bitmaps {
 		if b.bits == nil {
 			continue // inconsistent: carried over as it is
@@ -150,6 +159,7 @@ func (w *writer) store(clearInUse bool) error {
 	for _, r := range oldFree {
 		w.freeLater(r.off, r.n)
 	}
+	l.removed = nil
 	l.dir = l.dir[:0]
 	for _, b := range l.bitmaps {
 		l.dir = append(l.dir, b.dirEntry)
@@ -211,7 +221,11 @@ func (w *writer) oldTableClusters(e *dirEntry) ([]hostRange, error) {
 	}
 	out := []hostRange{{e.tableOff, (uint64(len(raw)) + cs - 1) / cs * cs}}
 	for i := 0; i < len(raw); i += 8 {
-		if off := binary.BigEndian.Uint64(raw[i:]) & bmeTableOffMask; off != 0 {
+		ent := binary.BigEndian.Uint64(raw[i:])
+		off := ent & bmeTableOffMask
+		// The table of an inconsistent bitmap is stale but was valid when
+		// written; skip anything that is not a plain data cluster.
+		if off != 0 && ent&(bmeTableReserved|bmeTableAllOnes) == 0 && off%cs == 0 {
 			out = append(out, hostRange{off, cs})
 		}
 	}

@@ -42,7 +42,8 @@ type qcow2Layer struct {
 	snapshots []Snapshot
 	dir       []dirEntry // the bitmap directory
 	bitmaps   []*layerBitmap
-	w         *writer // nil unless this is the writable top layer
+	removed   []dirEntry // stored bitmaps removed since the last store
+	w         *writer    // nil unless this is the writable top layer
 
 	zmu   sync.Mutex // guards zlast
 	zlast struct {   // the most recently decompressed cluster
