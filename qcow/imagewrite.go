@@ -24,6 +24,15 @@ func (img *Image) writer() *writer {
 	return nil
 }
 
+// ClusterSize returns the cluster size of the top layer (512 for a raw
+// top, which has no clusters).
+func (img *Image) ClusterSize() uint64 {
+	if q, ok := img.layers[0].(*qcow2Layer); ok {
+		return q.clusterSize
+	}
+	return 512
+}
+
 // Writable reports whether the image was opened for writing.
 func (img *Image) Writable() bool { return img.writable }
 

@@ -23,6 +23,8 @@ import (
 
 type mountCmd struct {
 	ReadOnly   bool   `short:"r" help:"Serve the chain read-only: no writes, no bitmap changes, shared locks."`
+	NBD        string `name:"nbd" help:"Also serve the chain over NBD at ADDR (unix:PATH or HOST:PORT), from the same engine." placeholder:"ADDR"`
+	ExportName string `help:"The NBD export's name (default \"\", as qemu-nbd)." default:""`
 	Daemon     bool   `help:"Return once the mount is ready; the exit status says whether it succeeded."`
 	AllowOther bool   `help:"Let other users access the mount (needs user_allow_other in /etc/fuse.conf unless root)."`
 	Debug      bool   `help:"Log every FUSE request."`
@@ -43,6 +45,25 @@ func (m *mountCmd) Run(ctx context.Context, g *Globals) error {
 		return err
 	}
 	defer img.Close()
+
+	var nbd *nbdServer
+	nctx, stopNBD := context.WithCancel(ctx)
+	defer stopNBD()
+	if m.NBD != "" {
+		if nbd, err = startNBD(nctx, img, m.NBD, m.ExportName, log); err != nil {
+			return err
+		}
+	}
+	// finish stops the NBD listener (in-flight requests complete), then
+	// stores the bitmaps and closes the image.
+	finish := func() error {
+		stopNBD()
+		var nerr error
+		if nbd != nil {
+			nerr = nbd.wait()
+		}
+		return errors.Join(nerr, img.Close())
+	}
 
 	abs, _ := filepath.Abs(m.Image)
 	root := fsnode.NewRoot(img, &fsnode.Options{Logger: log})
@@ -71,6 +92,7 @@ func (m *mountCmd) Run(ctx context.Context, g *Globals) error {
 
 	server, err := fs.Mount(m.Mountpoint, root, opts)
 	if err != nil {
+		finish()
 		return fmt.Errorf("mount %s: %w", m.Mountpoint, err)
 	}
 	g.daemon.ready()
@@ -82,7 +104,7 @@ func (m *mountCmd) Run(ctx context.Context, g *Globals) error {
 	for {
 		select {
 		case <-done:
-			return img.Close()
+			return finish()
 		case <-sigs:
 			if err := server.Unmount(); err != nil {
 				log.Warn("unmount failed; still mounted (unmount later with fusermount3 -u)", "mountpoint", m.Mountpoint, "err", err)
