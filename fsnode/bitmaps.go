@@ -284,4 +284,87 @@ func (r *Root) addBitmapDir(ctx context.Context, parent *fs.Inode, b qcow.Bitmap
 		return l.JSON(), nil
 	}})
 	addFile("dirty", &dirtyNode{src: src, img: r.img, log: r.log})
+	addFile("incremental.qcow2", &incNode{src: src, img: r.img, log: r.log})
+}
+
+// incNode is MNT/bitmaps/NAME/incremental.qcow2: a qcow2 image holding
+// exactly the bitmap's dirty clusters, generated when opened.
+type incNode struct {
+	fs.Inode
+	src *bitmapSource
+	img *qcow.Image
+	log *slog.Logger
+
+	mu  sync.Mutex // guards inc and ver
+	inc *qcow.Incremental
+	ver uint64
+}
+
+var (
+	_ fs.NodeGetattrer = (*incNode)(nil)
+	_ fs.NodeOpener    = (*incNode)(nil)
+	_ fs.NodeReader    = (*incNode)(nil)
+)
+
+// current returns the incremental image for the bitmap as it is now,
+// regenerated only after the image changed.
+func (n *incNode) current() (*qcow.Incremental, syscall.Errno) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	v := n.img.Version()
+	if n.inc != nil && n.ver == v {
+		return n.inc, 0
+	}
+	m, err := n.src.snapshot()
+	if err != nil {
+		return nil, errnoOf(n.log, "bitmap", err)
+	}
+	inc, err := qcow.NewIncremental(n.img, m)
+	if err != nil {
+		return nil, errnoOf(n.log, "incremental image", err)
+	}
+	n.inc, n.ver = inc, v
+	return inc, 0
+}
+
+func (n *incNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	inc, ok := fh.(*qcow.Incremental)
+	if !ok {
+		var errno syscall.Errno
+		if inc, errno = n.current(); errno != 0 {
+			return errno
+		}
+	}
+	out.Mode = syscall.S_IFREG | 0o444
+	out.Size = inc.Size()
+	out.Blksize = 1 << 16
+	out.Blocks = (out.Size + 511) / 512
+	out.SetTimeout(0)
+	return 0
+}
+
+func (n *incNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if flags&(syscall.O_WRONLY|syscall.O_RDWR|syscall.O_TRUNC) != 0 {
+		return nil, 0, syscall.EACCES
+	}
+	inc, errno := n.current()
+	if errno != 0 {
+		return nil, 0, errno
+	}
+	return inc, fuse.FOPEN_DIRECT_IO, 0
+}
+
+func (n *incNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	inc, ok := fh.(*qcow.Incremental)
+	if !ok {
+		return nil, syscall.EBADF
+	}
+	if off < 0 {
+		return nil, syscall.EINVAL
+	}
+	k, err := inc.ReadAt(dest, off)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return nil, errnoOf(n.log, "read incremental image", err)
+	}
+	return fuse.ReadResultData(dest[:k]), 0
 }
