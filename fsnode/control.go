@@ -35,8 +35,16 @@ type controlNode struct {
 	fs.Inode
 	root *Root
 
-	mu     sync.Mutex // serializes commands; guards status
+	cmdMu  sync.Mutex // serializes commands
+	mu     sync.Mutex // guards status, which a running command updates
 	status string
+}
+
+// setStatus replaces the text shown before the usage.
+func (c *controlNode) setStatus(s string) {
+	c.mu.Lock()
+	c.status = s
+	c.mu.Unlock()
 }
 
 var (
@@ -91,33 +99,27 @@ func (c *controlNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, o
 // the first failure, which fails the write (EINVAL, or ENOENT/EEXIST/EROFS
 // where they fit).
 func (c *controlNode) Write(ctx context.Context, fh fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.cmdMu.Lock()
+	defer c.cmdMu.Unlock()
 	var done []string
 	for _, line := range strings.Split(string(data), "\n") {
 		line = strings.TrimSpace(line)
 		if line == "" || strings.HasPrefix(line, "#") {
 			continue
 		}
-		msg, err := c.root.runCommand(ctx, line)
+		progress := func(p string) { c.setStatus(doneLines(done) + "running: " + line + "\n" + p + "\n") }
+		progress("")
+		msg, err := c.root.runCommand(ctx, line, progress)
 		if err != nil {
 			errno := commandErrno(c.root, err)
-			c.status = fmt.Sprintf("%sfailed: %s\nerror: %s (%s)\n", doneLines(done), line, err, errnoName(errno))
-			if h, ok := fh.(*genHandle); ok {
-				h.data = c.statusLocked()
-			}
+			c.setStatus(fmt.Sprintf("%sfailed: %s\nerror: %s (%s)\n", doneLines(done), line, err, errnoName(errno)))
 			return 0, errno
 		}
 		done = append(done, "ok: "+line+msg)
 	}
-	c.status = doneLines(done)
-	if h, ok := fh.(*genHandle); ok {
-		h.data = c.statusLocked()
-	}
+	c.setStatus(doneLines(done))
 	return uint32(len(data)), 0
 }
-
-func (c *controlNode) statusLocked() []byte { return []byte(c.status + "\n" + controlUsage) }
 
 func doneLines(done []string) string {
 	if len(done) == 0 {
@@ -163,7 +165,7 @@ var errUsage = errors.New("bad command")
 
 // runCommand runs one control command. It returns a note to show after
 // "ok: COMMAND".
-func (r *Root) runCommand(ctx context.Context, line string) (string, error) {
+func (r *Root) runCommand(ctx context.Context, line string, progress func(string)) (string, error) {
 	f := strings.Fields(line)
 	usage := func() (string, error) { return "", fmt.Errorf("%w: %q (see the usage below)", errUsage, line) }
 	if !r.img.Writable() {
@@ -204,6 +206,16 @@ func (r *Root) runCommand(ctx context.Context, line string) (string, error) {
 		return "", r.img.MergeBitmap(f[2], f[3])
 	case len(f) == 2 && f[0] == "checkpoint":
 		return "", r.img.AddBitmap(f[1], 0, false)
+	case len(f) == 2 && f[0] == "snapshot":
+		file, err := r.img.Snapshot(f[1])
+		if err != nil {
+			return "", err
+		}
+		return " (new top: " + file + ")", nil
+	case len(f) == 1 && f[0] == "commit":
+		return "", r.img.Commit(func(done, total uint64) {
+			progress(fmt.Sprintf("commit: %d of %d bytes copied", done, total))
+		})
 	case len(f) == 1 && f[0] == "flush":
 		if err := r.img.StoreBitmaps(); err != nil {
 			return "", err

@@ -25,6 +25,21 @@ type CreateOptions struct {
 // lays it out (header, refcount table, refcount block, L1 table; 16-bit
 // refcounts, zlib compression type). It refuses to overwrite a file.
 func Create(path string, o CreateOptions) error {
+	if o.BackingFile != "" {
+		bsize, format, err := backingInfo(backingPath(path, o.BackingFile), o.BackingFormat)
+		if err != nil {
+			return fmt.Errorf("qcow: %s: backing file: %w", path, err)
+		}
+		o.BackingFormat = format
+		if o.Size == 0 {
+			o.Size = bsize
+		}
+	}
+	return create(path, o)
+}
+
+// create writes the new image; a backing file's format must be resolved.
+func create(path string, o CreateOptions) error {
 	cs := o.ClusterSize
 	if cs == 0 {
 		cs = 64 << 10
@@ -32,18 +47,10 @@ func Create(path string, o CreateOptions) error {
 	if cs < 1<<minClusterBits || cs > 1<<maxClusterBits || bits.OnesCount64(cs) != 1 {
 		return fmt.Errorf("%w: cluster size %d: must be a power of two from 512 B to 2 MiB", ErrInvalid, cs)
 	}
-	size := o.Size
-	if o.BackingFile != "" {
-		bsize, format, err := backingInfo(backingPath(path, o.BackingFile), o.BackingFormat)
-		if err != nil {
-			return fmt.Errorf("qcow: %s: backing file: %w", path, err)
-		}
-		o.BackingFormat = format
-		if size == 0 {
-			size = bsize
-		}
+	if o.BackingFile != "" && o.BackingFormat != "qcow2" && o.BackingFormat != "raw" {
+		return fmt.Errorf("%w: backing format %q (qcow2 or raw)", ErrInvalid, o.BackingFormat)
 	}
-	size = (size + 511) &^ 511
+	size := (o.Size + 511) &^ 511
 	if size > maxVirtualSize {
 		return fmt.Errorf("%w: size %d too large", ErrInvalid, size)
 	}

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+
+	"github.com/cbtfs/cbtfs/dirtymap"
 )
 
 // Options configure [Open]. The zero value (or nil) gives the defaults.
@@ -55,6 +57,10 @@ type Image struct {
 	// version counts changes to the disk or its bitmaps, so that views
 	// generated from them know when to regenerate.
 	version atomic.Uint64
+
+	// commitTrack records the guest ranges written while a commit runs;
+	// guarded by mu.
+	commitTrack *dirtymap.Map
 
 	closeOnce sync.Once
 	closeErr  error

@@ -118,6 +118,9 @@ func (img *Image) change(off, n uint64, fn func(w *writer) error) error {
 		return err
 	}
 	w.markBitmaps(off, n)
+	if img.commitTrack != nil {
+		img.commitTrack.Set(off, n)
+	}
 	img.version.Add(1)
 	err := fn(w)
 	if err == nil && w.dirtyTables() > flushThreshold {

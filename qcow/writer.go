@@ -280,7 +280,7 @@ func (w *writer) cowCluster(img *Image, t *table, idx, e, gc, within uint64, dat
 	}
 	fresh := !reuse && host >= w.fileEnd
 	full := within == 0 && uint64(len(data)) == cs
-	zeroView := !compressed && (e&entryZero != 0 || (oldHost == 0 && !img.backedAt(gc)))
+	zeroView := !compressed && (e&entryZero != 0 || (oldHost == 0 && !img.backedAt(w.l, gc)))
 
 	var err error
 	switch {
@@ -293,7 +293,7 @@ func (w *writer) cowCluster(img *Image, t *table, idx, e, gc, within uint64, dat
 	default:
 		buf := make([]byte, cs)
 		if !zeroView {
-			if err := img.readLayer(0, buf, gc); err != nil {
+			if err := img.readLayer(img.depthOf(w.l), buf, gc); err != nil {
 				if !reuse {
 					w.unalloc(x, 1)
 				}
@@ -326,10 +326,21 @@ func (w *writer) cowCluster(img *Image, t *table, idx, e, gc, within uint64, dat
 	return nil
 }
 
-// backedAt reports whether the top layer's backing chain could hold data
-// at guest offset off (there is a backing layer that reaches there).
-func (img *Image) backedAt(off uint64) bool {
-	return len(img.layers) > 1 && off < img.layers[1].virtualSize()
+// backedAt reports whether the layers below l could hold data at guest
+// offset off (there is a backing layer that reaches there).
+func (img *Image) backedAt(l layer, off uint64) bool {
+	d := img.depthOf(l)
+	return d+1 < len(img.layers) && off < img.layers[d+1].virtualSize()
+}
+
+// depthOf returns the index of layer l in the chain (0 = top).
+func (img *Image) depthOf(l layer) int {
+	for i, x := range img.layers {
+		if x == l {
+			return i
+		}
+	}
+	return 0
 }
 
 // writeExt writes data into the cluster at guest offset gc of an image
@@ -354,7 +365,7 @@ func (w *writer) writeExt(img *Image, t *table, idx, gc, within uint64, data []b
 		// compressed cluster is allocated; a shared cluster keeps its
 		// unallocated subclusters unallocated.
 		buf := make([]byte, cs)
-		if err := img.readLayer(0, buf, gc); err != nil {
+		if err := img.readLayer(img.depthOf(w.l), buf, gc); err != nil {
 			return err
 		}
 		copy(buf[within:], data)
@@ -409,7 +420,7 @@ func (w *writer) writeExt(img *Image, t *table, idx, gc, within uint64, data []b
 			// (backing data or zeros) around the new bytes.
 			buf := make([]byte, ss)
 			if bm>>(32+sc)&1 == 0 {
-				if err := img.readLayer(0, buf, gc+s0); err != nil {
+				if err := img.readLayer(img.depthOf(w.l), buf, gc+s0); err != nil {
 					if x != 0 {
 						w.unalloc(x, 1)
 					}
@@ -514,7 +525,7 @@ func (w *writer) zeroCluster(img *Image, gc uint64, unmap, discard bool) error {
 		// cluster reads as zeros; with one, discard lets the backing
 		// show through (TRIM leaves the content unspecified) and a real
 		// zero write must store zeros.
-		if !discard && img.backedAt(gc) {
+		if !discard && img.backedAt(w.l, gc) {
 			return w.writeZeros(img, gc, cs)
 		}
 		w.releaseEntry(e)
