@@ -134,8 +134,11 @@ func parseHeader(name string, buf []byte) (*header, error) {
 		return &FormatError{File: name, Off: off, Field: field, Val: val}
 	}
 	be := binary.BigEndian
-	if len(buf) < headerV2Len || be.Uint32(buf) != qcowMagic {
+	if len(buf) < 4 || be.Uint32(buf) != qcowMagic {
 		return nil, fmt.Errorf("%w: %s", ErrNotQcow2, name)
+	}
+	if len(buf) < headerV2Len {
+		return nil, bad(0, "header (qcow2 header too short)", len(buf))
 	}
 	h := &header{
 		version:          be.Uint32(buf[4:]),

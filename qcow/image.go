@@ -389,3 +389,48 @@ func (img *Image) status(w *extentWalker, d int, off, n uint64) error {
 	}
 	return nil
 }
+
+// HostRange reports where the guest bytes [off, off+n) lie when they are
+// one contiguous run of uncompressed data in a single layer's file, entirely
+// inside that file: the file and the host offset. Readers of a read-only
+// image can then move the bytes without copying them (splice). It returns
+// ok == false in every other case, and always for a writable image, whose
+// clusters may move once the lock is released.
+func (img *Image) HostRange(off, n uint64) (f *os.File, host uint64, ok bool) {
+	if img.writable || n == 0 || off >= img.size || n > img.size-off {
+		return nil, 0, false
+	}
+	img.mu.RLock()
+	defer img.mu.RUnlock()
+	for _, l := range img.layers {
+		if off+n > l.virtualSize() {
+			return nil, 0, false
+		}
+		r, err := l.mapRange(off, n)
+		if err != nil || r.n < n {
+			return nil, 0, false
+		}
+		switch l := l.(type) {
+		case *qcow2Layer:
+			switch r.kind {
+			case runData:
+				osf, isFile := l.f.(*os.File)
+				if !isFile || r.host+n > l.hostSize {
+					return nil, 0, false
+				}
+				return osf, r.host, true
+			case runUnalloc:
+				continue
+			}
+			return nil, 0, false
+		case *rawLayer:
+			osf, isFile := l.f.(*os.File)
+			if r.kind != runData || !isFile || r.host+n > l.fsize {
+				return nil, 0, false
+			}
+			return osf, r.host, true
+		}
+		return nil, 0, false
+	}
+	return nil, 0, false
+}

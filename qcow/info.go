@@ -74,7 +74,6 @@ func layerInfo(l layer) (LayerInfo, error) {
 	switch l := l.(type) {
 	case *rawLayer:
 		f = l.f
-		li.VirtualSize = l.fsize // qemu-img info prints the file length
 	case *qcow2Layer:
 		f = l.f
 		h := l.h

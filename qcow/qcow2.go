@@ -30,6 +30,7 @@ const defaultL2CacheBytes = 32 << 20
 type qcow2Layer struct {
 	name        string
 	f           File
+	hostSize    uint64 // file size at open; grows as a writer allocates
 	h           *header
 	clusterBits uint32
 	clusterSize uint64
@@ -71,6 +72,7 @@ func openQcow2(name string, f File, opts *Options) (*qcow2Layer, error) {
 	l := &qcow2Layer{
 		name:        name,
 		f:           f,
+		hostSize:    uint64(fsz),
 		h:           h,
 		clusterBits: h.clusterBits,
 		clusterSize: h.clusterSize(),

@@ -16,6 +16,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
 
 	"github.com/cbtfs/cbtfs/fsnode"
 	"github.com/cbtfs/cbtfs/qcow"
@@ -126,14 +127,18 @@ func mountFlags(ro bool) []string {
 // mountpoint left behind by a killed FUSE server ("Transport endpoint is
 // not connected") is detached first; a live mount is refused.
 func prepareMountpoint(mnt string, log *slog.Logger) error {
-	_, err := os.Stat(mnt)
+	// statfs is never answered from the kernel's attribute cache, so a
+	// server killed a moment ago shows as ENOTCONN at once (stat may still
+	// succeed for up to the attribute timeout).
+	var st unix.Statfs_t
+	err := unix.Statfs(mnt, &st)
 	if errors.Is(err, syscall.ENOTCONN) {
 		log.Info("clearing stale mount", "mountpoint", mnt)
 		if err := detach(mnt); err != nil {
 			return fmt.Errorf("%s: stale mount (transport endpoint is not connected) could not be cleared: %w", mnt, err)
 		}
-		_, err = os.Stat(mnt)
 	}
+	_, err = os.Stat(mnt)
 	if err != nil {
 		return fmt.Errorf("mountpoint: %w", err)
 	}
