@@ -28,6 +28,11 @@ type Options struct {
 	// opened read-only.
 	Writable bool
 
+	// ForceShare opens a read-only image without taking or checking
+	// locks, like qemu-img -U: it then reads an image another process may
+	// be writing, at the risk of seeing it inconsistent.
+	ForceShare bool
+
 	// OpenFile opens the file of one layer, for writing when writable is
 	// set. Nil means os.OpenFile. Tests and fuzzers use it to serve layers
 	// from memory.
@@ -136,7 +141,7 @@ func Open(path string, opts *Options) (*Image, error) {
 		default:
 			err = &FeatureError{File: name, Feature: fmt.Sprintf("image format %q", format)}
 		}
-		if err == nil {
+		if err == nil && !(o.ForceShare && !o.Writable) {
 			locks := readLocks
 			if o.Writable && depth == 0 {
 				locks = writeLocks
