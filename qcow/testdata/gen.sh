@@ -226,6 +226,11 @@ io stale/disk.qcow2 'write -P 0xf1 0 4096'
 printf '\0\0\0\0\0\0\0\0' | dd of=stale/disk.qcow2 bs=1 seek=88 conv=notrunc status=none
 fixture stale stale/disk.qcow2
 
+# empty: a disk of size 0 (no L1 entries at all).
+mkdir empty
+create empty/disk.qcow2 0
+fixture empty empty/disk.qcow2
+
 find . -type f | while read -r f; do unsparse "$f"; done
 # Every image passes qemu-img check, except that stale/ leaks the clusters
 # of its invalidated bitmaps (exit 3).
