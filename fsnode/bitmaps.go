@@ -99,11 +99,10 @@ func (d *dirtyNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint
 	if errno != 0 {
 		return nil, 0, errno
 	}
-	if d.img.Writable() {
-		// The disk can change under this view: no page cache.
-		return &dirtyHandle{bits: m}, fuse.FOPEN_DIRECT_IO, 0
-	}
-	return &dirtyHandle{bits: m}, fuse.FOPEN_KEEP_CACHE, 0
+	// Direct I/O: the disk can change under a writable view, and for a
+	// read-only one the kernel's readahead would pull a megabyte of holes
+	// through FUSE for every small dirty extent that cp reads.
+	return &dirtyHandle{bits: m}, fuse.FOPEN_DIRECT_IO, 0
 }
 
 // Read returns the disk's bytes in dirty extents and zeros elsewhere,
