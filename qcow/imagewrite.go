@@ -15,7 +15,7 @@ const flushThreshold = 1024
 
 // writer returns the top layer's writer, or nil for a read-only image.
 func (img *Image) writer() *writer {
-	if !img.writable {
+	if !img.writable || len(img.layers) == 0 {
 		return nil
 	}
 	if q, ok := img.layers[0].(*qcow2Layer); ok {

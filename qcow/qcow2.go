@@ -157,6 +157,11 @@ func (l *qcow2Layer) classify(tbl *table, i uint64, sc uint64) (runKind, uint64,
 			return runCompressed, e &^ (entryCopied | entryCompressed), nil
 		}
 		off := e & l2OffsetMask
+		// qemu checks the alignment of every host offset, a preallocated
+		// zero cluster's included ("Cluster allocation offset ... unaligned").
+		if off%l.clusterSize != 0 {
+			return 0, 0, l.corrupt(-1, "L2 entry (unaligned data offset)", fmt.Sprintf("%#x", e))
+		}
 		if e&entryZero != 0 {
 			// "Zero cluster entry found in pre-v3 image" (qemu).
 			if l.h.version < 3 {
@@ -166,9 +171,6 @@ func (l *qcow2Layer) classify(tbl *table, i uint64, sc uint64) (runKind, uint64,
 		}
 		if off == 0 {
 			return runUnalloc, 0, nil
-		}
-		if off%l.clusterSize != 0 {
-			return 0, 0, l.corrupt(-1, "L2 entry (unaligned data offset)", fmt.Sprintf("%#x", e))
 		}
 		return runData, off, nil
 	}

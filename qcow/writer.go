@@ -41,7 +41,6 @@ func newWriter(l *qcow2Layer) (*writer, error) {
 		l1Dirty: map[uint64]struct{}{},
 		zeros:   make([]byte, l.clusterSize),
 	}
-	l.w = w
 	rc, err := l.loadRefcounts()
 	if err != nil {
 		return nil, err
@@ -52,6 +51,8 @@ func newWriter(l *qcow2Layer) (*writer, error) {
 		return nil, err
 	}
 	w.fileEnd = (uint64(sz) + l.clusterSize - 1) &^ (l.clusterSize - 1)
+	// Only a complete writer is attached: Close flushes through it.
+	l.w = w
 	return w, nil
 }
 

@@ -121,10 +121,9 @@ func (l *Listing) JSON() []byte {
 		}
 		b = append(b, '}')
 	}
-	if len(l.ext) > 0 {
-		b = append(b, '\n')
-	}
-	b = append(b, "]\n"...)
+	// libnbd prints "[\n", the extents joined by ",\n", then "\n]\n",
+	// even when there are none.
+	b = append(b, "\n]\n"...)
 	return b
 }
 
