@@ -184,6 +184,9 @@ func bitmapCases() []bitmapCase {
 			b.crash(base, "write -P 0x93 1M 64k")
 			img := b.overlay("top.qcow2", "base.qcow2", "qcow2", "")
 			b.bitmap(img, "fresh", "--add")
+			// The same name, consistent in the overlay: the union holds
+			// an inconsistent layer, so it is inconsistent too.
+			b.bitmap(img, "stale", "--add")
 			full(img, "fresh")
 			b.io(img, "write -P 0x94 2M 64k")
 			return img
@@ -330,15 +333,15 @@ func mergedCopy(t *testing.T, dir, imgDir, img string, layers []qemuLayer, union
 	return copyOf(img)
 }
 
-// listing is one extent listing file of the mount and the `cbtfs map`
+// mapListing is one extent listing file of the mount and the `cbtfs map`
 // arguments that print it offline.
-type listing struct {
+type mapListing struct {
 	path string // relative to the mountpoint
 	args []string
 }
 
-func listingsFor(names []string) []listing {
-	ls := []listing{
+func listingsFor(names []string) []mapListing {
+	ls := []mapListing{
 		{"allocation", nil},
 		{"allocation.json", []string{"--json"}},
 		{"depth", []string{"--depth"}},
@@ -346,8 +349,8 @@ func listingsFor(names []string) []listing {
 	}
 	for _, n := range names {
 		ls = append(ls,
-			listing{"bitmaps/" + n + "/extents", []string{"--bitmap", n}},
-			listing{"bitmaps/" + n + "/extents.json", []string{"--bitmap", n, "--json"}},
+			mapListing{"bitmaps/" + n + "/extents", []string{"--bitmap", n}},
+			mapListing{"bitmaps/" + n + "/extents.json", []string{"--bitmap", n, "--json"}},
 		)
 	}
 	return ls
@@ -439,12 +442,16 @@ func checkBitmapChain(t *testing.T, c bitmapCase) {
 		}
 	}
 	for _, bm := range inUse {
-		requireQemuNBDRefuses(t, img, bm.name)
+		for _, d := range bm.layers {
+			if slices.Contains(bm.flags[d], "in-use") {
+				requireQemuNBDRefuses(t, layers[d-1].Filename, bm.name)
+			}
+		}
 	}
 	dirty := map[string][]span{}
 	dirtyBytes := map[string]int64{}
 	for _, n := range consistent {
-		dirty[n] = spansOfType(parseMap(t, want["bitmaps/"+n+"/extents"]), 1)
+		dirty[n] = spansOfType(parseNbdinfoMap(t, want["bitmaps/"+n+"/extents"]), 1)
 		dirtyBytes[n] = spansTotal(dirty[n])
 		if (len(dirty[n]) == 0) != slices.Contains(c.empty, n) {
 			t.Fatalf("bitmap %s: dirty extents %v; the case meant it to have %s", n, dirty[n], map[bool]string{true: "none", false: "some"}[slices.Contains(c.empty, n)])
@@ -513,7 +520,7 @@ func bmGranularity(bms []chainBitmap, name string) int64 {
 }
 
 // requireQemuNBDRefuses checks that qemu-nbd refuses to export the
-// inconsistent bitmap name of img, with qemu's message.
+// inconsistent bitmap name of the layer img, with qemu's message.
 func requireQemuNBDRefuses(t *testing.T, img, name string) {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "s")
@@ -680,10 +687,10 @@ func checkDirtyView(t *testing.T, mnt, name string, disk []byte, dirty []span, d
 	if size != int64(len(disk)) {
 		t.Errorf("stat %s: size %d, want the disk's %d", p, size, len(disk))
 	}
-	if st := fi.Sys().(*syscall.Stat_t); st.Blocks*512 != roundUp(dirtyBytes, 512) {
+	if st := fi.Sys().(*syscall.Stat_t); st.Blocks*512 != alignUp(dirtyBytes, 512) {
 		t.Errorf("stat %s: st_blocks*512 = %d, want the dirty bytes %d rounded up to 512", p, st.Blocks*512, dirtyBytes)
 	}
-	if du := duBytes(t, p); du != roundUp(dirtyBytes, 512) {
+	if du := duBytes(t, p); du != alignUp(dirtyBytes, 512) {
 		t.Errorf("du --block-size=1 %s = %d, want the dirty bytes %d rounded up to 512", p, du, dirtyBytes)
 	}
 
@@ -956,17 +963,17 @@ func duBytes(t *testing.T, p string) int64 {
 	return n
 }
 
-// extent is one line of an nbdinfo --map listing.
-type extent struct {
+// mapExtent is one line of an nbdinfo --map listing.
+type mapExtent struct {
 	Off  int64 `json:"offset"`
 	Len  int64 `json:"length"`
 	Type int   `json:"type"`
 }
 
-// parseMap parses `nbdinfo --map` output, text or JSON.
-func parseMap(t *testing.T, out string) []extent {
+// parseNbdinfoMap parses `nbdinfo --map` output, text or JSON.
+func parseNbdinfoMap(t *testing.T, out string) []mapExtent {
 	t.Helper()
-	var es []extent
+	var es []mapExtent
 	if strings.HasPrefix(out, "[") {
 		if err := json.Unmarshal([]byte(out), &es); err != nil {
 			t.Fatalf("nbdinfo --map --json: %v\n%s", err, out)
@@ -984,13 +991,13 @@ func parseMap(t *testing.T, out string) []extent {
 		if err := errors.Join(err1, err2, err3); err != nil {
 			t.Fatalf("nbdinfo --map: bad line %q: %v", line, err)
 		}
-		es = append(es, extent{off, n, typ})
+		es = append(es, mapExtent{off, n, typ})
 	}
 	return es
 }
 
 // spansOfType returns the merged ranges of the extents of type typ.
-func spansOfType(es []extent, typ int) []span {
+func spansOfType(es []mapExtent, typ int) []span {
 	var spans []span
 	for _, e := range es {
 		if e.Type == typ {
@@ -1015,7 +1022,7 @@ func roundOut(spans []span, blk int64) []span {
 	var out []span
 	for _, s := range spans {
 		lo := s.Off / blk * blk
-		out = addSpan(out, span{lo, roundUp(s.Off+s.Len, blk) - lo})
+		out = addSpan(out, span{lo, alignUp(s.Off+s.Len, blk) - lo})
 	}
 	return out
 }
@@ -1028,7 +1035,7 @@ func spansTotal(spans []span) int64 {
 	return n
 }
 
-func roundUp(n, m int64) int64 { return (n + m - 1) / m * m }
+func alignUp(n, m int64) int64 { return (n + m - 1) / m * m }
 
 // TestBitmapAllocationPartlyWritten documents the one difference
 // design.md allows between MNT/allocation and qemu's base:allocation: in a
@@ -1060,7 +1067,7 @@ func TestBitmapAllocationPartlyWritten(t *testing.T) {
 		}
 		qemu := testutil.NbdinfoMap(t, nbd.URI, "", js)
 		got := readGenerated(t, mnt, path)
-		ge, we := parseMap(t, got), parseMap(t, qemu)
+		ge, we := parseNbdinfoMap(t, got), parseNbdinfoMap(t, qemu)
 		if gn, wn := extentsEnd(ge), extentsEnd(we); gn != wn || gn != int64(len(disk)) {
 			t.Errorf("MNT/%s covers %d bytes, qemu's listing %d; want the disk's %d", path, gn, wn, len(disk))
 		}
@@ -1099,7 +1106,7 @@ func TestBitmapAllocationPartlyWritten(t *testing.T) {
 
 // extentsEnd returns where a listing of contiguous extents from 0 ends,
 // or -1 when they are not contiguous.
-func extentsEnd(es []extent) int64 {
+func extentsEnd(es []mapExtent) int64 {
 	var end int64
 	for _, e := range es {
 		if e.Off != end {
@@ -1118,7 +1125,7 @@ type typeDiff struct {
 
 // typeDiffs compares two listings of the same range byte range by byte
 // range and returns where their types differ.
-func typeDiffs(got, want []extent) []typeDiff {
+func typeDiffs(got, want []mapExtent) []typeDiff {
 	var out []typeDiff
 	i, j := 0, 0
 	var gOff, wOff int64 // consumed within got[i], want[j]
