@@ -59,7 +59,12 @@ func (c *controlNode) text() []byte {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	s := c.status
-	if s == "" {
+	switch {
+	case !c.root.img.Writable():
+		// The kernel refuses to open control for writing on a read-only
+		// mount, so no command ever reaches us to report on.
+		s = "read-only mount: every command is refused (EROFS)\n"
+	case s == "":
 		s = "no command run yet\n"
 	}
 	return []byte(s + "\n" + controlUsage)
