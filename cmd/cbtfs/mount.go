@@ -81,6 +81,7 @@ func (m *mountCmd) Run(ctx context.Context, g *Globals) error {
 			// The kernel may use several threads; the engine is safe for
 			// parallel reads.
 			MaxBackground: 64,
+			Logger:        fuseLogger(m.Debug, g.stderr),
 		},
 		EntryTimeout: &timeout,
 		AttrTimeout:  &timeout,
