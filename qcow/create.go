@@ -73,7 +73,9 @@ func create(path string, o CreateOptions) error {
 	if !ok || l1n*8 > maxL1Bytes {
 		return fmt.Errorf("%w: size %d too large for %d-byte clusters", ErrInvalid, size, cs)
 	}
-	l1Cls := max(1, (l1n*8+cs-1)/cs)
+	// An empty disk has no L1 table, as qemu-img makes it: a cluster for
+	// it would be allocated but referenced by nothing (a leak).
+	l1Cls := (l1n*8 + cs - 1) / cs
 	perBlock := cs * 8 / 16
 	rt, rb := uint64(1), uint64(1)
 	for {
@@ -89,7 +91,9 @@ func create(path string, o CreateOptions) error {
 	h.reftableOff = cs
 	h.reftableClusters = uint32(rt)
 	h.l1Size = uint32(l1n)
-	h.l1Off = (1 + rt + rb) * cs
+	if l1n > 0 {
+		h.l1Off = (1 + rt + rb) * cs
+	}
 	hdr, err := h.encode()
 	if err != nil {
 		return err
