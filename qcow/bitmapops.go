@@ -106,6 +106,11 @@ func (img *Image) AddBitmap(name string, granularity uint64, disabled bool) erro
 	}
 	granBits := uint32(bits.TrailingZeros64(granularity))
 	tsize := bitmapTableSize(q.h.size, granBits, q.clusterBits)
+	if tsize == 0 {
+		// qemu refuses to open an image with an empty bitmap table (and
+		// qemu-img bitmap fails to store one).
+		return fmt.Errorf("%w: a bitmap of an empty disk cannot be stored", ErrInvalid)
+	}
 	if tsize*q.clusterSize > maxBitmapPhysSize || tsize > maxBitmapTableSize {
 		return fmt.Errorf("%w: too much space would be occupied by the bitmap; use a larger granularity", ErrInvalid)
 	}
