@@ -89,3 +89,13 @@ func (n *NBD) Stop(tb testing.TB) {
 		p.Wait(WaitDelay)
 	}
 }
+
+// AllowAnyExit lets the cbtfs process of m end with any exit status, for
+// a test that expects the end of the mount itself to fail (a full host
+// disk): the cleanup then only clears a stale mount, and the test must
+// see to it that the process has exited.
+func (m *Mounted) AllowAnyExit() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.killed = true
+}
