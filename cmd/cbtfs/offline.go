@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"strings"
 
 	"github.com/cbtfs/cbtfs/internal/units"
 	"github.com/cbtfs/cbtfs/qcow"
@@ -22,6 +23,10 @@ func (c *createCmd) Run(ctx context.Context, g *Globals) error {
 	if o.ClusterSize, err = units.ParseSize(c.ClusterSize); err != nil {
 		return fmt.Errorf("--cluster-size: %w", err)
 	}
+	if o.ClusterSize == 0 {
+		// qcow.Create reads 0 as the default; qemu-img refuses it.
+		return fmt.Errorf("--cluster-size: cluster size 0: must be a power of two from 512 to 2M")
+	}
 	if c.Size != "" {
 		if o.Size, err = units.ParseSize(c.Size); err != nil {
 			return fmt.Errorf("size: %w", err)
@@ -32,11 +37,20 @@ func (c *createCmd) Run(ctx context.Context, g *Globals) error {
 	if c.BackingFormat != "" && c.Backing == "" {
 		return fmt.Errorf("--backing-format needs --backing")
 	}
-	return qcow.Create(c.Image, o)
+	return nameImage(c.Image, qcow.Create(c.Image, o))
+}
+
+// nameImage makes sure that an error about image names it, as every
+// error of the command line does.
+func nameImage(image string, err error) error {
+	if err == nil || strings.Contains(err.Error(), image) {
+		return err
+	}
+	return fmt.Errorf("%s: %w", image, err)
 }
 
 type bitmapCmd struct {
-	Granularity string   `help:"Granularity of a new bitmap (default: the cluster size clamped to 4K..64K)." placeholder:"SIZE"`
+	Granularity *string  `help:"Granularity of a new bitmap (default: the cluster size clamped to 4K..64K)." placeholder:"SIZE"`
 	Disabled    bool     `help:"Add the bitmap disabled: writes do not mark it."`
 	Image       string   `arg:"" help:"The qcow2 image (the top of its chain)."`
 	Op          string   `arg:"" enum:"add,remove,clear,enable,disable,merge" help:"add, remove, clear, enable, disable or merge."`
@@ -54,13 +68,14 @@ func (c *bitmapCmd) Run(ctx context.Context, g *Globals) error {
 	if len(c.Names) != want {
 		return fmt.Errorf("bitmap %s needs %d name(s), got %d", c.Op, want, len(c.Names))
 	}
-	if (c.Granularity != "" || c.Disabled) && c.Op != "add" {
+	if (c.Granularity != nil || c.Disabled) && c.Op != "add" {
 		return fmt.Errorf("--granularity and --disabled apply to add only")
 	}
 	var gran uint64
-	if c.Granularity != "" {
+	if c.Granularity != nil {
+		// Given, even empty ("--granularity="), it must be a size.
 		var err error
-		if gran, err = units.ParseSize(c.Granularity); err != nil {
+		if gran, err = units.ParseSize(*c.Granularity); err != nil {
 			return fmt.Errorf("--granularity: %w", err)
 		}
 		if gran == 0 {
@@ -86,6 +101,7 @@ func (c *bitmapCmd) Run(ctx context.Context, g *Globals) error {
 	case "merge":
 		err = img.MergeBitmap(c.Names[0], c.Names[1])
 	}
+	err = nameImage(c.Image, err)
 	if cerr := img.Close(); err == nil {
 		err = cerr
 	}
