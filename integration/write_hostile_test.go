@@ -21,26 +21,26 @@ import (
 // truncation, writes to a read-only mount, and unmounts that cannot
 // succeed.
 
-// hostileBound is how long a command that must fail may take; longer
+// wBound is how long a command that must fail may take; longer
 // is a hang.
-const hostileBound = 20 * time.Second
+const wBound = 20 * time.Second
 
-// runBounded runs name with args and waits at most hostileBound for it,
+// wRunBounded runs name with args and waits at most wBound for it,
 // failing the test if it is still running then. It returns the stderr
 // and the error of the finished command.
-func runBounded(t *testing.T, name string, args ...string) (stderr string, err error) {
+func wRunBounded(t *testing.T, name string, args ...string) (stderr string, err error) {
 	t.Helper()
 	p := testutil.Start(t, "", name, args...)
-	if _, ok := p.Wait(hostileBound); !ok {
+	if _, ok := p.Wait(wBound); !ok {
 		_ = p.Signal(syscall.SIGKILL)
 		p.Wait(testutil.WaitDelay)
-		t.Fatalf("%s %v: still running after %v", name, args, hostileBound)
+		t.Fatalf("%s %v: still running after %v", name, args, wBound)
 	}
 	return p.Stderr(), p.Err()
 }
 
-// randomBytes returns n random bytes.
-func randomBytes(rng *rand.Rand, n int) []byte {
+// wRandom returns n random bytes.
+func wRandom(rng *rand.Rand, n int) []byte {
 	b := make([]byte, n)
 	for i := 0; i < n; i += 8 {
 		v := rng.Uint64()
@@ -71,12 +71,12 @@ func TestWriteDiskFull(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
-			diskFull(t, free)
+			wDiskFull(t, free)
 		})
 	}
 }
 
-func diskFull(t *testing.T, free bool) {
+func wDiskFull(t *testing.T, free bool) {
 	dir := t.TempDir()
 	fsDir := mkdir(t, dir, "fs")
 	testutil.Tmpfs(t, fsDir, "6M")
@@ -102,7 +102,7 @@ func diskFull(t *testing.T, free bool) {
 	var written int64 // [0, written) holds completed writes
 	var werr error
 	for off := int64(0); off < size; off += chunk {
-		b := randomBytes(rng, chunk)
+		b := wRandom(rng, chunk)
 		if _, werr = f.WriteAt(b, off); werr != nil {
 			break
 		}
@@ -121,7 +121,7 @@ func diskFull(t *testing.T, free bool) {
 	failed := [2]int64{written, min(written+chunk, size)}
 
 	// dd says so too, on a range never written.
-	if stderr, err := runBounded(t, "dd", "if=/dev/urandom", "of="+m.Disk, "bs=1M", "count=2", "seek=40", "conv=notrunc", "status=none"); err == nil {
+	if stderr, err := wRunBounded(t, "dd", "if=/dev/urandom", "of="+m.Disk, "bs=1M", "count=2", "seek=40", "conv=notrunc", "status=none"); err == nil {
 		t.Errorf("dd onto a full disk succeeded")
 	} else if !strings.Contains(stderr, "No space left on device") {
 		t.Errorf("dd onto a full disk: %v; stderr %q, want \"No space left on device\"", err, stderr)
@@ -136,7 +136,7 @@ func diskFull(t *testing.T, free bool) {
 	if !bytes.Equal(got, model[:written]) {
 		t.Fatalf("read back after ENOSPC: differs from what was written at %d", firstDiff(got, model[:written]))
 	}
-	b := randomBytes(rng, 100000)
+	b := wRandom(rng, 100000)
 	if _, err := f.WriteAt(b, 12345); err != nil {
 		t.Fatalf("overwrite in place after ENOSPC: %v", err)
 	}
@@ -149,7 +149,7 @@ func diskFull(t *testing.T, free bool) {
 		if err := os.Remove(ballast); err != nil {
 			t.Fatal(err)
 		}
-		b := randomBytes(rng, 4096)
+		b := wRandom(rng, 4096)
 		if _, err := f.WriteAt(b, failed[0]); err != nil {
 			t.Fatalf("write after space was freed: %v", err)
 		}
@@ -166,7 +166,7 @@ func diskFull(t *testing.T, free bool) {
 			t.Fatal(err)
 		}
 		m.AllowAnyExit()
-		if stderr, err := runBounded(t, "fusermount3", "-u", mnt); err != nil {
+		if stderr, err := wRunBounded(t, "fusermount3", "-u", mnt); err != nil {
 			t.Fatalf("fusermount3 -u on a full disk: %v; stderr %q", err, stderr)
 		}
 		ws, ok := m.Wait(testutil.ExitTimeout)
@@ -246,7 +246,7 @@ func TestWriteErrors(t *testing.T) {
 				t.Errorf("open MNT/disk of a read-only mount with flags %#x: %v, want EROFS", flag, err)
 			}
 		}
-		if stderr, err := runBounded(t, "dd", "if=/dev/zero", "of="+m.Disk, "bs=4k", "count=1", "conv=notrunc", "status=none"); err == nil || !strings.Contains(stderr, "Read-only file system") {
+		if stderr, err := wRunBounded(t, "dd", "if=/dev/zero", "of="+m.Disk, "bs=4k", "count=1", "conv=notrunc", "status=none"); err == nil || !strings.Contains(stderr, "Read-only file system") {
 			t.Errorf("dd onto a read-only MNT/disk: %v; stderr %q, want \"Read-only file system\"", err, stderr)
 		}
 		requireDisk(t, m, want)
@@ -266,7 +266,7 @@ func TestWriteErrors(t *testing.T) {
 				t.Errorf("write of %d bytes at %d (disk size %d): %v, want EFBIG", c.n, c.off, size, err)
 			}
 		}
-		if stderr, err := runBounded(t, "dd", "if=/dev/zero", "of="+m.Disk, "bs=512", "count=1", "seek="+strconv.FormatInt(size/512, 10), "conv=notrunc", "status=none"); err == nil || !strings.Contains(stderr, "File too large") {
+		if stderr, err := wRunBounded(t, "dd", "if=/dev/zero", "of="+m.Disk, "bs=512", "count=1", "seek="+strconv.FormatInt(size/512, 10), "conv=notrunc", "status=none"); err == nil || !strings.Contains(stderr, "File too large") {
 			t.Errorf("dd past the end of MNT/disk: %v; stderr %q, want \"File too large\"", err, stderr)
 		}
 		for _, n := range []int64{0, size / 2, size - 1, size + 1, 2 * size} {
@@ -283,7 +283,7 @@ func TestWriteErrors(t *testing.T) {
 			}
 			t.Errorf("open MNT/disk with O_TRUNC: %v, want EPERM", err)
 		}
-		if stderr, err := runBounded(t, "truncate", "-s", "1M", m.Disk); err == nil || !strings.Contains(stderr, "Operation not permitted") {
+		if stderr, err := wRunBounded(t, "truncate", "-s", "1M", m.Disk); err == nil || !strings.Contains(stderr, "Operation not permitted") {
 			t.Errorf("truncate -s 1M MNT/disk: %v; stderr %q, want \"Operation not permitted\"", err, stderr)
 		}
 		// Truncation to the same size changes nothing and may succeed.
@@ -323,7 +323,7 @@ func TestUnmountErrors(t *testing.T) {
 	}
 	defer f.Close()
 
-	stderr, err := runBounded(t, "fusermount3", "-u", mnt)
+	stderr, err := wRunBounded(t, "fusermount3", "-u", mnt)
 	if err == nil {
 		t.Fatal("fusermount3 -u of a busy mount succeeded")
 	}
@@ -336,7 +336,7 @@ func TestUnmountErrors(t *testing.T) {
 	if err := m.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(hostileBound)
+	deadline := time.Now().Add(wBound)
 	for !strings.Contains(m.Stderr(), "unmount") && time.Now().Before(deadline) && !m.Exited() {
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -355,13 +355,13 @@ func TestUnmountErrors(t *testing.T) {
 	if err := f.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if stderr, err := runBounded(t, "fusermount3", "-u", mnt); err != nil {
+	if stderr, err := wRunBounded(t, "fusermount3", "-u", mnt); err != nil {
 		t.Fatalf("fusermount3 -u once the file is closed: %v; stderr %q", err, stderr)
 	}
 	m.RequireExit(t, 0)
 	testutil.RequireNoMount(t, mnt)
 
-	stderr, err = runBounded(t, "fusermount3", "-u", mnt)
+	stderr, err = wRunBounded(t, "fusermount3", "-u", mnt)
 	if err == nil {
 		t.Errorf("a second fusermount3 -u succeeded")
 	} else if strings.TrimSpace(stderr) == "" {

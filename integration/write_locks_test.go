@@ -16,15 +16,15 @@ import (
 // This file checks that cbtfs and qemu keep out of each other's way
 // through qemu's image locks (OFD locks on the image file).
 
-// lockMsg is how qemu says it could not lock an image, e.g.
+// wLockMsg is how qemu says it could not lock an image, e.g.
 // `Failed to get "write" lock` / `Failed to get shared "write" lock`,
 // followed by "Is another process using the image [IMG]?".
-var lockMsg = regexp.MustCompile(`Failed to get (shared )?"[a-z ]+" lock`)
+var wLockMsg = regexp.MustCompile(`Failed to get (shared )?"[a-z ]+" lock`)
 
-// startQemuNBDWritable serves img read-write with `qemu-nbd -t -f qcow2
+// wQemuNBDRW serves img read-write with `qemu-nbd -t -f qcow2
 // -k SOCK img` and returns once the socket accepts connections; a
 // cleanup stops it. (testutil.QemuNBD serves read-only.)
-func startQemuNBDWritable(t *testing.T, img string) *testutil.Proc {
+func wQemuNBDRW(t *testing.T, img string) *testutil.Proc {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "cbtfs-nbd-")
 	if err != nil {
@@ -90,7 +90,7 @@ func TestWriteLocks(t *testing.T) {
 			_, stderr, err := testutil.RunErr(t, args[0], args[1:]...)
 			if err == nil {
 				t.Errorf("%v while cbtfs has the image mounted read-write: succeeded", args)
-			} else if !lockMsg.MatchString(stderr) || !strings.Contains(stderr, "Is another process using the image") {
+			} else if !wLockMsg.MatchString(stderr) || !strings.Contains(stderr, "Is another process using the image") {
 				t.Errorf("%v while cbtfs has the image mounted read-write: %v; stderr %q, want qemu's lock failure", args, err, stderr)
 			}
 		}
@@ -105,10 +105,10 @@ func TestWriteLocks(t *testing.T) {
 			}
 			mnt2 := mkdir(t, t.TempDir(), "mnt")
 			p := testutil.Start(t, "", cbtfs, append(args, img, mnt2)...)
-			if _, ok := p.Wait(hostileBound); !ok {
+			if _, ok := p.Wait(wBound); !ok {
 				detachIfMounted(t, mnt2)
 				p.Wait(testutil.ExitTimeout)
-				t.Fatalf("a second cbtfs %v on a mounted image: still running after %v", args, hostileBound)
+				t.Fatalf("a second cbtfs %v on a mounted image: still running after %v", args, wBound)
 			}
 			checkRefusal(t, "a second cbtfs "+strings.Join(args, " "), p.Err(), p.Stderr(), dir, filepath.Base(img), notLocked)
 			testutil.RequireNoMount(t, mnt2)
@@ -118,7 +118,7 @@ func TestWriteLocks(t *testing.T) {
 	})
 
 	t.Run("qemu-nbd-read-write", func(t *testing.T) {
-		q := startQemuNBDWritable(t, img)
+		q := wQemuNBDRW(t, img)
 		for _, ro := range []bool{false, true} {
 			args := []string{"mount"}
 			if ro {
@@ -126,10 +126,10 @@ func TestWriteLocks(t *testing.T) {
 			}
 			mnt := mkdir(t, t.TempDir(), "mnt")
 			p := testutil.Start(t, "", cbtfs, append(args, img, mnt)...)
-			if _, ok := p.Wait(hostileBound); !ok {
+			if _, ok := p.Wait(wBound); !ok {
 				detachIfMounted(t, mnt)
 				p.Wait(testutil.ExitTimeout)
-				t.Fatalf("cbtfs %v while qemu-nbd serves the image read-write: still running after %v", args, hostileBound)
+				t.Fatalf("cbtfs %v while qemu-nbd serves the image read-write: still running after %v", args, wBound)
 			}
 			checkRefusal(t, "cbtfs "+strings.Join(args, " ")+" while qemu-nbd serves the image read-write", p.Err(), p.Stderr(), dir, filepath.Base(img), notLocked)
 			testutil.RequireNoMount(t, mnt)

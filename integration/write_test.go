@@ -173,6 +173,7 @@ type wWorkload struct {
 	perZone int   // ...doing this many operations
 	dd      bool  // one more zone written by a dd process
 	cluster int64 // the image's cluster size
+	limit   int64 // if > 0, the workload stays in [0, limit)
 }
 
 // wResult is what a workload did.
@@ -185,6 +186,9 @@ type wResult struct {
 func (w wWorkload) run(t *testing.T, m *testutil.Mounted, model []byte, dir string) wResult {
 	t.Helper()
 	size := int64(len(model))
+	if w.limit > 0 {
+		size = min(size, w.limit)
+	}
 	rng := rand.New(rand.NewPCG(w.seed, 0x5eed))
 	var res wResult
 	record := func(ops []wOp) {
@@ -539,15 +543,43 @@ func writeCase(t *testing.T, c imageCase, w wWorkload) {
 	if !filepath.IsAbs(img) {
 		abs = filepath.Join(cwd, img)
 	}
-	info := wImgInfo(t, abs)
-	if info.FormatSpecific.Data.Compat != "0.10" {
+	if wImgInfo(t, abs).FormatSpecific.Data.Compat != "0.10" {
 		wAddAll(t, abs)
-		info = wImgInfo(t, abs)
 	}
+	snaps := writeRound(t, img, cwd, dir, w)
+	// qemu refuses to apply a snapshot to an image with enabled bitmaps
+	// ("Device has active dirty bitmaps").
+	for _, bm := range wImgInfo(t, abs).FormatSpecific.Data.Bitmaps {
+		testutil.Img(t, "bitmap", "--remove", abs, bm.Name)
+	}
+	for name, raw := range snaps {
+		testutil.Img(t, "snapshot", "-a", name, abs)
+		if !testutil.Compare(t, abs, raw, "-f", "qcow2", "-F", "raw") {
+			t.Errorf("qemu-img snapshot -a %s: the image differs from the snapshot's data before the workload", name)
+		}
+		wRequireClean(t, abs)
+	}
+}
+
+// writeRound runs w through a read-write mount of img (relative to cwd
+// when not absolute) and checks the result: MNT/disk reads as the model
+// during the mount; after the unmount qemu-img check is clean, qemu-img
+// compare finds the model, no bitmap is in use, and every bitmap holds
+// its old content plus, when enabled, exactly the granules w touched (as
+// MNT/bitmaps/NAME/extents showed before the unmount). dir is scratch
+// space. It returns the internal snapshots of img, each with a raw file
+// of its data from before the round.
+func writeRound(t *testing.T, img, cwd, dir string, w wWorkload) (snaps map[string]string) {
+	t.Helper()
+	abs := img
+	if !filepath.IsAbs(img) {
+		abs = filepath.Join(cwd, img)
+	}
+	info := wImgInfo(t, abs)
 	bitmaps := info.FormatSpecific.Data.Bitmaps
 	names := wNames(bitmaps)
 	before := wBitmapMaps(t, abs, names)
-	snaps := map[string]string{}
+	snaps = map[string]string{}
 	for _, s := range info.Snapshots {
 		p := filepath.Join(dir, "snap-"+s.Name+".raw")
 		testutil.Convert(t, abs, p, "-O", "raw", "-l", s.Name)
@@ -560,7 +592,10 @@ func writeCase(t *testing.T, c imageCase, w wWorkload) {
 		t.Fatal(err)
 	}
 
-	mnt := mkdir(t, dir, "mnt")
+	mnt := filepath.Join(dir, "mnt")
+	if err := os.MkdirAll(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	m := testutil.MountRW(t, cbtfs, img, mnt, testutil.MountOptions{Dir: cwd})
 	w.cluster = info.ClusterSize
 	res := w.run(t, m, model, dir)
@@ -610,18 +645,7 @@ func writeCase(t *testing.T, c imageCase, w wWorkload) {
 		}
 	}
 
-	// qemu refuses to apply a snapshot to an image with enabled bitmaps
-	// ("Device has active dirty bitmaps").
-	for _, name := range names {
-		testutil.Img(t, "bitmap", "--remove", abs, name)
-	}
-	for name, raw := range snaps {
-		testutil.Img(t, "snapshot", "-a", name, abs)
-		if !testutil.Compare(t, abs, raw, "-f", "qcow2", "-F", "raw") {
-			t.Errorf("qemu-img snapshot -a %s: the image differs from the snapshot's data before the workload", name)
-		}
-		wRequireClean(t, abs)
-	}
+	return snaps
 }
 
 // wRequireClean requires `qemu-img check` to find no errors and no leaks.
