@@ -49,6 +49,16 @@ var crashKinds = []struct {
 		b.snapshot(img, "s1")
 		return img
 	}},
+	{"v2-c4k-over-qcow2", func(b *builder) string {
+		base := b.qcow2("base.qcow2", "16M", "-o", "cluster_size=2M")
+		b.io(base, "write -P 0x74 0 16M")
+		return b.overlay("a.qcow2", "base.qcow2", "qcow2", "", "-o", "compat=0.10,cluster_size=4k")
+	}},
+	{"refcount1-c2M", func(b *builder) string {
+		img := b.qcow2("a.qcow2", "32M", "-o", "cluster_size=2M,refcount_bits=1")
+		b.io(img, "write -P 0x75 1M 5M")
+		return img
+	}},
 	{"compressed-zstd", func(b *builder) string {
 		src := b.raw("src.raw", 16<<20, mixed(24<<10, 7))
 		img := b.convert(src, "a.qcow2", "-f", "raw", "-c", "-o", "compression_type=zstd")
@@ -58,7 +68,7 @@ var crashKinds = []struct {
 }
 
 // crashRounds is how many kills each image of crashKinds goes through
-// (5 kinds x 10 = 50 kills).
+// (7 kinds x 10 = 70 kills).
 const crashRounds = 10
 
 // crashWriter is one writer of a crash round: it owns [lo, hi) of the
@@ -78,8 +88,9 @@ type crashWriter struct {
 // TestCrashKill kills a read-write cbtfs mount with SIGKILL in the middle
 // of a write workload (two writers on disjoint halves of the disk, random
 // writes, zero-ranges and punch-holes with fsync'ed checkpoints), 10
-// times on each of 5 images (one with an internal snapshot, one growing
-// its refcount table, one extended-L2 over a backing file, one
+// times on each of 7 images (one with an internal snapshot, one growing
+// its refcount table, one extended-L2 over a backing file, a v2 one over
+// a backing file, one with 1-bit refcounts and 2 MiB clusters, one
 // compressed). The kill comes after a random delay, right after a fsync
 // returned, or while a fsync is running. After each kill the stale mount
 // is cleared, and:
@@ -128,10 +139,14 @@ func TestCrashKill(t *testing.T) {
 }
 
 // crashFreshBitmaps replaces the bitmaps of img with the fresh, empty
-// wAddBitmaps.
+// wAddBitmaps (unless img is a v2 image, which has no bitmaps).
 func crashFreshBitmaps(t *testing.T, img string) {
 	t.Helper()
-	for _, bm := range wImgInfo(t, img).FormatSpecific.Data.Bitmaps {
+	info := wImgInfo(t, img)
+	if info.FormatSpecific.Data.Compat == "0.10" {
+		return
+	}
+	for _, bm := range info.FormatSpecific.Data.Bitmaps {
 		testutil.Img(t, "bitmap", "--remove", img, bm.Name)
 	}
 	wAddAll(t, img)
