@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -92,15 +93,17 @@ type crashWriter struct {
 // its refcount table, one extended-L2 over a backing file, a v2 one over
 // a backing file, one with 1-bit refcounts and 2 MiB clusters, one
 // compressed). The kill comes after a random delay, right after a fsync
-// returned, or while a fsync is running. After each kill the stale mount
-// is cleared, and:
+// returned, while a fsync is running, or a few milliseconds after SIGTERM
+// started the clean close (which stores the bitmaps). After each kill the
+// stale mount is cleared, and:
 //   - qemu-img check finds no corruption (exit 0, or 3 for leaks);
 //   - every byte reads back as of its writer's last fsync, or as one of
 //     the operations issued since;
 //   - every bitmap that was consistent before the mount is in use, or
 //     holds its old content plus at least the granules of the fsync'ed
 //     operations and at most those of all issued ones;
-//   - bitmaps found in use stay in use.
+//   - bitmaps found in use stay in use, and a close that finished left
+//     none of the others in use.
 //
 // The next round's mount on the same image lists the in-use bitmaps as
 // inconsistent. Every other round starts with fresh bitmaps (the in-use
@@ -196,9 +199,14 @@ func crashRound(t *testing.T, img, mnt, dir string, seed uint64) {
 		{lo: half, hi: size, durable: slices.Clone(model[half:])},
 	}
 	// The kill: after a random delay, right after the k-th fsync
-	// returned, or while the k-th fsync runs.
-	mode, k := rng.IntN(3), 1+rng.IntN(3)
+	// returned, while the k-th fsync runs, or (mode 3) after a random
+	// delay once the writers have stopped and fsync'ed everything and
+	// SIGTERM has started the clean close, which stores the bitmaps.
+	mode, k := rng.IntN(4), 1+rng.IntN(3)
 	delay := time.Duration(rng.IntN(400)) * time.Millisecond
+	if mode == 3 {
+		delay = time.Duration(rng.IntN(40000)) * time.Microsecond
+	}
 	var syncsMu sync.Mutex
 	syncStarted, syncDone := 0, 0
 	fire := make(chan struct{})
@@ -221,9 +229,30 @@ func crashRound(t *testing.T, img, mnt, dir string, seed uint64) {
 		g := &wGen{rng: rand.New(rand.NewPCG(seed, uint64(wi+1))), cluster: info.ClusterSize, maxLen: 2 << 20}
 		wg.Go(func() { w.run(m.Disk, g, stop, syncEvent) })
 	}
+	closed := false // mode 3: cbtfs finished its clean close before the kill
 	switch mode {
 	case 0:
 		time.Sleep(delay)
+	case 3:
+		time.Sleep(time.Duration(rng.IntN(300)) * time.Millisecond)
+		close(stop)
+		wg.Wait()
+		m.AllowAnyExit()
+		if err := m.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(delay)
+		if err := m.Signal(syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+			t.Fatal(err)
+		}
+		st, ok := m.Wait(testutil.ExitTimeout)
+		if !ok {
+			t.Fatalf("cbtfs still running %v after SIGKILL", testutil.ExitTimeout)
+		}
+		closed = st.Exited()
+		if closed && st.ExitStatus() != 0 {
+			t.Errorf("cbtfs ended its clean close with %v; stderr %q", st, m.Stderr())
+		}
 	default:
 		select {
 		case <-fire:
@@ -231,15 +260,19 @@ func crashRound(t *testing.T, img, mnt, dir string, seed uint64) {
 			t.Errorf("mode %d: fsync %d did not come within 20s", mode, k)
 		}
 	}
-	m.Kill(t)
-	close(stop)
-	wg.Wait()
-	for wi, w := range ws {
-		t.Logf("seed %d, kill mode %d (k %d, delay %v): writer %d: %d ops durable through %d fsyncs, %d pending; ended by %v",
-			seed, mode, k, delay, wi, len(w.synced), w.syncs, len(w.pending), w.err)
+	if mode != 3 {
+		m.Kill(t)
+		close(stop)
+		wg.Wait()
 	}
-	if err := testutil.Detach(t, mnt); err != nil {
-		t.Error(err)
+	for wi, w := range ws {
+		t.Logf("seed %d, kill mode %d (k %d, delay %v, closed %v): writer %d: %d ops durable through %d fsyncs, %d pending; ended by %v",
+			seed, mode, k, delay, closed, wi, len(w.synced), w.syncs, len(w.pending), w.err)
+	}
+	if len(testutil.MountsAt(t, mnt)) > 0 {
+		if err := testutil.Detach(t, mnt); err != nil {
+			t.Error(err)
+		}
 	}
 	testutil.RequireNoMount(t, mnt)
 
@@ -260,6 +293,7 @@ func crashRound(t *testing.T, img, mnt, dir string, seed uint64) {
 	}
 
 	after := wImgInfo(t, img).FormatSpecific.Data.Bitmaps
+	t.Logf("bitmaps after the kill: %v", after)
 	var notInUse []wBitmap
 	for _, bm := range bitmaps {
 		i := slices.IndexFunc(after, func(a wBitmap) bool { return a.Name == bm.Name })
@@ -274,6 +308,8 @@ func crashRound(t *testing.T, img, mnt, dir string, seed uint64) {
 		switch {
 		case bm.inUse() && !a.inUse():
 			t.Errorf("bitmap %s was in use before the mount and is not after the kill: %+v", bm.Name, a)
+		case closed && a.inUse() && !bm.inUse():
+			t.Errorf("bitmap %s still in use after a clean close: %+v", bm.Name, a)
 		case !a.inUse():
 			notInUse = append(notInUse, a)
 		}
@@ -313,7 +349,14 @@ func (w *crashWriter) run(disk string, g *wGen, stop <-chan struct{}, syncEvent 
 	for {
 		select {
 		case <-stop:
+			// A last fsync makes everything durable, unless the mount is
+			// dead already.
 			w.err = errors.New("stopped")
+			if err := f.Sync(); err != nil {
+				w.err = fmt.Errorf("stopped; last fsync: %w", err)
+				return
+			}
+			w.settle()
 			return
 		default:
 		}
@@ -337,15 +380,20 @@ func (w *crashWriter) run(disk string, g *wGen, stop <-chan struct{}, syncEvent 
 			return
 		}
 		if !o.touches() {
-			for _, p := range w.pending {
-				p.apply(w.durable)
-				w.synced = append(w.synced, wOp{kind: p.kind, off: p.off + w.lo, n: p.n})
-			}
-			w.pending = w.pending[:0]
-			w.syncs++
+			w.settle()
 			syncEvent(true)
 		}
 	}
+}
+
+// settle records a successful fsync: the pending operations are durable.
+func (w *crashWriter) settle() {
+	for _, p := range w.pending {
+		p.apply(w.durable)
+		w.synced = append(w.synced, wOp{kind: p.kind, off: p.off + w.lo, n: p.n})
+	}
+	w.pending = w.pending[:0]
+	w.syncs++
 }
 
 // verify checks the zone as read after the kill: each byte as of the
