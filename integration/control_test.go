@@ -865,3 +865,38 @@ func TestControlReadOnly(t *testing.T) {
 	}
 	ccCheck(t, img, false)
 }
+
+// TestControlV2 refuses bitmaps on a qcow2 v2 image, as qemu does
+// ("Cannot store dirty bitmaps in qcow2 v2 files"): through the control
+// file, mkdir and the offline CLI, with the image left as it was.
+func TestControlV2(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	img := filepath.Join(dir, "v2.qcow2")
+	testutil.Create(t, img, "4M", "-o", "compat=0.10")
+	if _, _, err := testutil.RunErr(t, "qemu-img", "bitmap", "--add", img, "x"); err == nil {
+		t.Fatal("qemu-img bitmap --add on a v2 image succeeded")
+	}
+	_, stderr, err := testutil.RunCbtfs(t, cbtfs, "bitmap", img, "add", "x")
+	ocRequireOneLineError(t, "cbtfs bitmap add on a v2 image", err, stderr, "v2")
+	mnt := filepath.Join(dir, "mnt")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	before := ccState(t, img, "")
+	m := testutil.MountRW(t, cbtfs, img, mnt, testutil.MountOptions{})
+	for _, c := range []string{"bitmap add x", "checkpoint x"} {
+		if errno, st := ccTry(t, mnt, c+"\n"); errno != syscall.EINVAL || !strings.Contains(st, "v2") {
+			t.Errorf("%q on a v2 image: errno %v, want EINVAL and a word about v2:\n%s", c, errno, st)
+		}
+	}
+	if err := os.Mkdir(filepath.Join(mnt, "bitmaps", "x"), 0o755); !errors.Is(err, syscall.EINVAL) {
+		t.Errorf("mkdir on a v2 image: %v, want EINVAL", err)
+	}
+	ccRequireListing(t, mnt, nil, "the refused adds")
+	m.Unmount(t)
+	ccCheck(t, img, false)
+	if d := before.diff(ccState(t, img, "")); d != "" {
+		t.Errorf("after the refused adds: %s", d)
+	}
+}
