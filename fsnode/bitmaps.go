@@ -61,9 +61,55 @@ var (
 )
 
 // dirtyHandle is an open dirty view: the bitmap it was opened on, so that
-// reads and seeks of one open file agree with each other.
+// reads and seeks of one open file agree with each other, and how far its
+// dirty extents have been read ahead.
 type dirtyHandle struct {
 	bits *dirtymap.Map
+
+	mu      sync.Mutex // guards ahead and trigger
+	ahead   uint64     // the dirty extents before this offset have been hinted
+	trigger uint64     // a read ending at or past this offset hints the next batch
+}
+
+// dirtyReadAhead is how many dirty bytes past a read of the dirty view are
+// hinted to the engine ([qcow.Image.WillNeed]). A backup tool reads the
+// dirty extents one by one, in order, and each is a random read of the
+// disk: with the next ones already on their way, the disk serves many at a
+// time (from a cold cache, cp --sparse=always of 1% scattered 64 KiB
+// clusters of a 16 GiB disk takes 2-3x less time).
+const dirtyReadAhead = 8 << 20
+
+// readAhead hints the next dirty extents once a read of h has reached
+// h.trigger: dirtyReadAhead dirty bytes from where the last batch ended
+// (or from end, if reads went past it), the next batch due halfway
+// through this one.
+func (d *dirtyNode) readAhead(h *dirtyHandle, end uint64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	size := h.bits.Size()
+	if end < h.trigger || end >= size {
+		return
+	}
+	from := max(h.ahead, end)
+	next, trigger := size, size
+	var hinted uint64
+	h.bits.Extents(from, size-from, func(eo, en uint64, dirty bool) bool {
+		if !dirty {
+			return true
+		}
+		k := min(en, dirtyReadAhead-hinted)
+		d.img.WillNeed(eo, k)
+		if hinted < dirtyReadAhead/2 && hinted+k >= dirtyReadAhead/2 {
+			trigger = eo + (dirtyReadAhead/2 - hinted)
+		}
+		hinted += k
+		if hinted >= dirtyReadAhead {
+			next = eo + k
+			return false
+		}
+		return true
+	})
+	h.ahead, h.trigger = next, trigger
 }
 
 func (d *dirtyNode) bitsFor(fh fs.FileHandle) (*dirtymap.Map, syscall.Errno) {
@@ -136,6 +182,9 @@ func (d *dirtyNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off
 	})
 	if rerr != nil {
 		return nil, errnoOf(d.log, "read dirty view", rerr)
+	}
+	if h, ok := fh.(*dirtyHandle); ok {
+		d.readAhead(h, uint64(off)+n)
 	}
 	return fuse.ReadResultData(buf), 0
 }
