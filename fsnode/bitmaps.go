@@ -186,7 +186,7 @@ func (d *dirtyNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off
 	if h, ok := fh.(*dirtyHandle); ok {
 		d.readAhead(h, uint64(off)+n)
 	}
-	return fuse.ReadResultData(buf), 0
+	return readData(buf), 0
 }
 
 // Lseek reports exactly the dirty extents as data.
@@ -414,5 +414,5 @@ func (n *incNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off i
 	if err != nil && !errors.Is(err, io.EOF) {
 		return nil, errnoOf(n.log, "read incremental image", err)
 	}
-	return fuse.ReadResultData(dest[:k]), 0
+	return readData(dest[:k]), 0
 }

@@ -97,7 +97,7 @@ func (c *controlNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, o
 	if off >= int64(len(data)) {
 		return fuse.ReadResultData(nil), 0
 	}
-	return fuse.ReadResultData(data[off:min(int64(len(data)), off+int64(len(dest)))]), 0
+	return readData(data[off:min(int64(len(data)), off+int64(len(dest)))]), 0
 }
 
 // Write runs the commands in data, one per line, in order, stopping at

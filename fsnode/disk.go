@@ -123,7 +123,7 @@ func (d *diskNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 	if err != nil && !errors.Is(err, io.EOF) {
 		return nil, errnoOf(d.log, "read disk", err)
 	}
-	return fuse.ReadResultData(dest[:n]), 0
+	return readData(dest[:n]), 0
 }
 
 // Write stores data at off. A write that runs past the end of the disk

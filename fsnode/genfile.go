@@ -100,5 +100,5 @@ func (f *genFile) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off i
 	if off >= int64(len(h.data)) {
 		return fuse.ReadResultData(nil), 0
 	}
-	return fuse.ReadResultData(h.data[off:min(int64(len(h.data)), off+int64(len(dest)))]), 0
+	return readData(h.data[off:min(int64(len(h.data)), off+int64(len(dest)))]), 0
 }
