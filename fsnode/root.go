@@ -3,6 +3,8 @@ package fsnode
 import (
 	"context"
 	"log/slog"
+	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -104,4 +106,35 @@ func (r *Root) infoJSON() ([]byte, error) {
 		return nil, err
 	}
 	return report.JSON(report.Info(layers, r.img.Bitmaps())), nil
+}
+
+// xattrPID names the extended attribute of the mount's root that holds the
+// process ID of the cbtfs serving it, so that `cbtfs unmount` can wait for
+// that process to finish storing the image after the unmount.
+const xattrPID = "user.cbtfs.pid"
+
+var (
+	_ fs.NodeGetxattrer  = (*Root)(nil)
+	_ fs.NodeListxattrer = (*Root)(nil)
+)
+
+// Getxattr answers user.cbtfs.pid.
+func (r *Root) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+	if attr != xattrPID {
+		return 0, syscall.ENODATA
+	}
+	v := strconv.Itoa(os.Getpid())
+	if len(dest) < len(v) {
+		return uint32(len(v)), syscall.ERANGE
+	}
+	return uint32(copy(dest, v)), 0
+}
+
+// Listxattr lists user.cbtfs.pid.
+func (r *Root) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
+	v := xattrPID + "\x00"
+	if len(dest) < len(v) {
+		return uint32(len(v)), syscall.ERANGE
+	}
+	return uint32(copy(dest, v)), 0
 }

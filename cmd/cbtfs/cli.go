@@ -14,12 +14,13 @@ import (
 type cli struct {
 	Globals
 
-	Mount  mountCmd  `cmd:"" help:"Mount a qcow2 image chain: the disk, its allocation maps and its bitmaps as files."`
-	Info   infoCmd   `cmd:"" help:"Describe a qcow2 image chain: layers, sizes, formats, bitmaps."`
-	Serve  serveCmd  `cmd:"" help:"Serve a qcow2 image chain over NBD, with qemu's meta contexts."`
-	Map    mapCmd    `cmd:"" help:"List allocation, allocation-depth or bitmap extents as nbdinfo --map does."`
-	Create createCmd `cmd:"" help:"Create a qcow2 image, optionally over a backing file."`
-	Bitmap bitmapCmd `cmd:"" help:"Add, remove, clear, enable, disable or merge persistent bitmaps of an unmounted image."`
+	Mount   mountCmd   `cmd:"" help:"Mount a qcow2 image chain: the disk, its allocation maps and its bitmaps as files."`
+	Info    infoCmd    `cmd:"" help:"Describe a qcow2 image chain: layers, sizes, formats, bitmaps."`
+	Unmount unmountCmd `cmd:"" aliases:"umount" help:"Unmount a cbtfs mount and wait until the image is stored and its locks released."`
+	Serve   serveCmd   `cmd:"" help:"Serve a qcow2 image chain over NBD, with qemu's meta contexts."`
+	Map     mapCmd     `cmd:"" help:"List allocation, allocation-depth or bitmap extents as nbdinfo --map does."`
+	Create  createCmd  `cmd:"" help:"Create a qcow2 image, optionally over a backing file."`
+	Bitmap  bitmapCmd  `cmd:"" help:"Add, remove, clear, enable, disable or merge persistent bitmaps of an unmounted image."`
 }
 
 // Globals are the flags every command takes, and the streams it writes to.
