@@ -68,20 +68,7 @@ func (w *writer) flush() error {
 			return err
 		}
 	} else if len(rc.dirtyRT) > 0 {
-		idx := make([]uint64, 0, len(rc.dirtyRT))
-		for i := range rc.dirtyRT {
-			idx = append(idx, i)
-		}
-		slices.Sort(idx)
-		var b [8]byte
-		for _, i := range idx {
-			binary.BigEndian.PutUint64(b[:], rc.table[i])
-			if _, err := l.f.WriteAt(b[:], int64(rc.tableOff+i*8)); err != nil {
-				return w.ioErr("write refcount table", err)
-			}
-		}
-		clear(rc.dirtyRT)
-		if err := w.sync(); err != nil {
+		if err := w.writeEntries("refcount table", rc.table, rc.tableOff, rc.dirtyRT); err != nil {
 			return err
 		}
 	}
@@ -107,20 +94,7 @@ func (w *writer) flush() error {
 	}
 	// 4.
 	if len(w.l1Dirty) > 0 {
-		idx := make([]uint64, 0, len(w.l1Dirty))
-		for i := range w.l1Dirty {
-			idx = append(idx, i)
-		}
-		slices.Sort(idx)
-		var b [8]byte
-		for _, i := range idx {
-			binary.BigEndian.PutUint64(b[:], l.l1[i])
-			if _, err := l.f.WriteAt(b[:], int64(l.h.l1Off+i*8)); err != nil {
-				return w.ioErr("write L1 table", err)
-			}
-		}
-		clear(w.l1Dirty)
-		if err := w.sync(); err != nil {
+		if err := w.writeEntries("L1 table", l.l1, l.h.l1Off, w.l1Dirty); err != nil {
 			return err
 		}
 	}
@@ -146,6 +120,26 @@ func (w *writer) flush() error {
 		return w.sync()
 	}
 	return nil
+}
+
+// writeEntries writes the changed 8-byte entries (indices in dirty) of an
+// on-disk table at off whose in-memory copy is tbl, in offset order, then
+// syncs and forgets them.
+func (w *writer) writeEntries(what string, tbl []uint64, off uint64, dirty map[uint64]struct{}) error {
+	idx := make([]uint64, 0, len(dirty))
+	for i := range dirty {
+		idx = append(idx, i)
+	}
+	slices.Sort(idx)
+	var b [8]byte
+	for _, i := range idx {
+		binary.BigEndian.PutUint64(b[:], tbl[i])
+		if _, err := w.l.f.WriteAt(b[:], int64(off+i*8)); err != nil {
+			return w.ioErr("write "+what, err)
+		}
+	}
+	clear(dirty)
+	return w.sync()
 }
 
 // writeBlocks writes the dirty refcount blocks.
