@@ -69,6 +69,18 @@ type dirtyHandle struct {
 	mu      sync.Mutex // guards ahead and trigger
 	ahead   uint64     // the dirty extents before this offset have been hinted
 	trigger uint64     // a read ending at or past this offset hints the next batch
+
+	// hints counts the goroutines passing hints to the engine; Release
+	// waits for them.
+	hints sync.WaitGroup
+}
+
+var _ fs.FileReleaser = (*dirtyHandle)(nil)
+
+// Release waits for the read-ahead hints still being given.
+func (h *dirtyHandle) Release(ctx context.Context) syscall.Errno {
+	h.hints.Wait()
+	return 0
 }
 
 // dirtyReadAhead is how many dirty bytes past a read of the dirty view are
@@ -82,7 +94,9 @@ const dirtyReadAhead = 8 << 20
 // readAhead hints the next dirty extents once a read of h has reached
 // h.trigger: dirtyReadAhead dirty bytes from where the last batch ended
 // (or from end, if reads went past it), the next batch due halfway
-// through this one.
+// through this one. The hints are given by a goroutine of their own:
+// each starts disk I/O and costs tens of microseconds, which the read that
+// triggered the batch must not wait for.
 func (d *dirtyNode) readAhead(h *dirtyHandle, end uint64) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -93,12 +107,13 @@ func (d *dirtyNode) readAhead(h *dirtyHandle, end uint64) {
 	from := max(h.ahead, end)
 	next, trigger := size, size
 	var hinted uint64
+	var batch []extent
 	h.bits.Extents(from, size-from, func(eo, en uint64, dirty bool) bool {
 		if !dirty {
 			return true
 		}
 		k := min(en, dirtyReadAhead-hinted)
-		d.img.WillNeed(eo, k)
+		batch = append(batch, extent{eo, k})
 		if hinted < dirtyReadAhead/2 && hinted+k >= dirtyReadAhead/2 {
 			trigger = eo + (dirtyReadAhead/2 - hinted)
 		}
@@ -110,7 +125,17 @@ func (d *dirtyNode) readAhead(h *dirtyHandle, end uint64) {
 		return true
 	})
 	h.ahead, h.trigger = next, trigger
+	if len(batch) > 0 {
+		h.hints.Go(func() {
+			for _, e := range batch {
+				d.img.WillNeed(e.off, e.n)
+			}
+		})
+	}
 }
+
+// extent is a byte range of the disk.
+type extent struct{ off, n uint64 }
 
 func (d *dirtyNode) bitsFor(fh fs.FileHandle) (*dirtymap.Map, syscall.Errno) {
 	if h, ok := fh.(*dirtyHandle); ok {
