@@ -154,6 +154,7 @@ func (d *dirtyNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.Att
 		return errno
 	}
 	out.Mode = syscall.S_IFREG | 0o444
+	stamp(out)
 	out.Size = d.img.Size()
 	// du and cp's sparse detection read st_blocks: the dirty bytes. go-fuse
 	// recomputes Blocks from Size unless Blksize is set.
@@ -309,7 +310,7 @@ func (r *Root) syncBitmaps(ctx context.Context, notify bool) {
 
 // addBitmapDir adds MNT/bitmaps/NAME for one chain bitmap.
 func (r *Root) addBitmapDir(ctx context.Context, parent *fs.Inode, b qcow.BitmapInfo) {
-	dir := parent.NewPersistentInode(ctx, &fs.Inode{}, fs.StableAttr{Mode: syscall.S_IFDIR, Ino: r.nextIno()})
+	dir := parent.NewPersistentInode(ctx, &dirNode{}, fs.StableAttr{Mode: syscall.S_IFDIR, Ino: r.nextIno()})
 	parent.AddChild(b.Name, dir, true)
 	name := b.Name
 	info := func() ([]byte, error) {
@@ -409,6 +410,7 @@ func (n *incNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrO
 		}
 	}
 	out.Mode = syscall.S_IFREG | 0o444
+	stamp(out)
 	out.Size = inc.Size()
 	out.Blksize = 1 << 16
 	out.Blocks = (out.Size + 511) / 512

@@ -72,6 +72,7 @@ func (d *diskNode) mode() uint32 {
 
 func (d *diskNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	out.Mode = d.mode()
+	stamp(out)
 	out.Size = d.img.Size()
 	out.Blksize = 1 << 16
 	out.Blocks = (d.allocated() + 511) / 512

@@ -70,6 +70,7 @@ func (f *genFile) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrO
 		}
 	}
 	out.Mode = syscall.S_IFREG | 0o444
+	stamp(out)
 	out.Size = uint64(len(data))
 	out.Blksize = 4096
 	out.Blocks = (out.Size + 511) / 512
