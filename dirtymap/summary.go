@@ -36,15 +36,6 @@ func (s *summary) clone() summary {
 	return c
 }
 
-// words returns the number of words in all levels (for memory accounting).
-func (s *summary) words() uint64 {
-	var n uint64
-	for _, l := range s.levels {
-		n += uint64(len(l))
-	}
-	return n
-}
-
 // setBit sets item i.
 func (s *summary) setBit(i uint64) {
 	for _, l := range s.levels {

@@ -21,7 +21,6 @@ func TestNBDWrites(t *testing.T) {
 		testutil.RequireTool(t, tool)
 	}
 	b := &builder{t: t, dir: t.TempDir()}
-	const size = 8 << 20
 	base := b.qcow2("base.qcow2", "8M")
 	b.io(base, "write -P 0x11 0 4M")
 	img := b.overlay("top.qcow2", "base.qcow2", "qcow2", "")

@@ -194,7 +194,7 @@ func parseHeader(name string, buf []byte) (*header, error) {
 	// Incompatible features: "If the image has any of these bits set that
 	// it does not know about, it must refuse to open it."
 	if unknown := h.incompat &^ incompatKnown; unknown != 0 {
-		return nil, &FeatureError{File: name, Feature: fmt.Sprintf("unknown incompatible feature bits %#x", unknown)}
+		return nil, &FeatureError{File: name, Feature: h.unknownIncompat(unknown)}
 	}
 	if h.refcountOrder > maxRefcountOrder {
 		return nil, bad(96, "refcount_order", h.refcountOrder)
@@ -423,6 +423,23 @@ func l1EntriesFor(size uint64, clusterBits uint32, l2Entries uint64) (uint64, bo
 		n++
 	}
 	return n, n <= 1<<31-1
+}
+
+// unknownIncompat describes unknown incompatible feature bits, with the
+// names the image's feature name table gives them (as qemu reports them).
+func (h *header) unknownIncompat(bits uint64) string {
+	var names []string
+	for b := uint8(0); b < 64; b++ {
+		if bits&(1<<b) == 0 {
+			continue
+		}
+		if n := h.featureNameFor(0, b); n != "" {
+			names = append(names, fmt.Sprintf("%q (bit %d)", n, b))
+		} else {
+			names = append(names, fmt.Sprintf("bit %d", b))
+		}
+	}
+	return fmt.Sprintf("unknown incompatible feature %s (%#x)", strings.Join(names, ", "), bits)
 }
 
 // featureNameFor returns the feature name table's name for an incompatible

@@ -220,10 +220,8 @@ func (rc *refcounts) grow(need uint64) error {
 		}
 		// The clusters the new table will occupy, and those of the
 		// blocks covering them, must be covered by the new table.
-		start := rc.freeIndex
-		if s, err := rc.peekFree(cls); err == nil {
-			start = s
-		} else {
+		start, err := rc.peekFree(cls)
+		if err != nil {
 			return err
 		}
 		end := start + cls + (cls+rc.perBlock-1)/rc.perBlock + 2

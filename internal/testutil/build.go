@@ -6,7 +6,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"sync"
 	"testing"
 )
@@ -39,13 +38,16 @@ func moduleRoot() (string, error) {
 	}
 }
 
-// goTool returns the go command: the one on PATH, else the one of the
-// toolchain that built this test binary.
+// goTool returns the go command: the one on PATH, else the one under
+// $GOROOT, else the one where this machine kind installs Go.
 func goTool() string {
 	if p, err := exec.LookPath("go"); err == nil {
 		return p
 	}
-	return filepath.Join(runtime.GOROOT(), "bin", "go")
+	if root := os.Getenv("GOROOT"); root != "" {
+		return filepath.Join(root, "bin", "go")
+	}
+	return "/usr/local/go/bin/go"
 }
 
 // BuildCbtfs builds cmd/cbtfs into a temporary directory, once per test
