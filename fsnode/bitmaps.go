@@ -16,41 +16,13 @@ import (
 	"github.com/cbtfs/cbtfs/qcow"
 )
 
-// bitmapSource gives the current union of one bitmap name of the chain.
-type bitmapSource struct {
-	img  *qcow.Image
-	name string
-
-	mu   sync.Mutex // guards bits and ver
-	bits *dirtymap.Map
-	ver  uint64
-}
-
-// snapshot returns the bitmap's bits as they are now: a union computed
-// afresh after any change to the image, shared until the next one.
-// Callers must not modify it.
-func (s *bitmapSource) snapshot() (*dirtymap.Map, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	v := s.img.Version()
-	if s.bits != nil && s.ver == v {
-		return s.bits, nil
-	}
-	m, err := s.img.Bitmap(s.name)
-	if err != nil {
-		return nil, err
-	}
-	s.bits, s.ver = m, v
-	return m, nil
-}
-
 // dirtyNode is MNT/bitmaps/NAME/dirty: the disk's size, the disk's bytes
 // inside dirty extents, holes elsewhere.
 type dirtyNode struct {
 	fs.Inode
-	src *bitmapSource
-	img *qcow.Image
-	log *slog.Logger
+	name string // the bitmap
+	img  *qcow.Image
+	log  *slog.Logger
 }
 
 var (
@@ -141,7 +113,7 @@ func (d *dirtyNode) bitsFor(fh fs.FileHandle) (*dirtymap.Map, syscall.Errno) {
 	if h, ok := fh.(*dirtyHandle); ok {
 		return h.bits, 0
 	}
-	m, err := d.src.snapshot()
+	m, err := d.img.Bitmap(d.name)
 	if err != nil {
 		return nil, errnoOf(d.log, "bitmap", err)
 	}
@@ -335,43 +307,27 @@ func (r *Root) addBitmapDir(ctx context.Context, parent *fs.Inode, b qcow.Bitmap
 		// and must never be used for a backup.
 		return
 	}
-	src := &bitmapSource{img: r.img, name: name}
-	listing := func() (*report.Listing, error) {
-		m, err := src.snapshot()
+	l := &sharedListing{img: r.img, mk: func(img *qcow.Image) (*report.Listing, error) {
+		m, err := img.Bitmap(name)
 		if err != nil {
 			return nil, err
 		}
 		return report.Bitmap(name, m), nil
-	}
-	addFile("extents", &genFile{log: r.log, version: r.img.Version, gen: func() ([]byte, error) {
-		l, err := listing()
-		if err != nil {
-			return nil, err
-		}
-		return l.Text(), nil
-	}})
-	addFile("extents.json", &genFile{log: r.log, version: r.img.Version, gen: func() ([]byte, error) {
-		l, err := listing()
-		if err != nil {
-			return nil, err
-		}
-		return l.JSON(), nil
-	}})
-	addFile("dirty", &dirtyNode{src: src, img: r.img, log: r.log})
-	addFile("incremental.qcow2", &incNode{src: src, img: r.img, log: r.log})
+	}}
+	addFile("extents", &genFile{log: r.log, version: r.img.Version, gen: l.text})
+	addFile("extents.json", &genFile{log: r.log, version: r.img.Version, gen: l.json})
+	addFile("dirty", &dirtyNode{name: name, img: r.img, log: r.log})
+	addFile("incremental.qcow2", &incNode{name: name, img: r.img, log: r.log})
 }
 
 // incNode is MNT/bitmaps/NAME/incremental.qcow2: a qcow2 image holding
 // exactly the bitmap's dirty clusters, generated when opened.
 type incNode struct {
 	fs.Inode
-	src *bitmapSource
-	img *qcow.Image
-	log *slog.Logger
-
-	mu  sync.Mutex // guards inc and ver
-	inc *qcow.Incremental
-	ver uint64
+	name string // the bitmap
+	img  *qcow.Image
+	log  *slog.Logger
+	inc  byVersion[*qcow.Incremental]
 }
 
 var (
@@ -383,21 +339,16 @@ var (
 // current returns the incremental image for the bitmap as it is now,
 // regenerated only after the image changed.
 func (n *incNode) current() (*qcow.Incremental, syscall.Errno) {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	v := n.img.Version()
-	if n.inc != nil && n.ver == v {
-		return n.inc, 0
-	}
-	m, err := n.src.snapshot()
-	if err != nil {
-		return nil, errnoOf(n.log, "bitmap", err)
-	}
-	inc, err := qcow.NewIncremental(n.img, m)
+	inc, err := n.inc.get(n.img.Version(), func() (*qcow.Incremental, error) {
+		m, err := n.img.Bitmap(n.name)
+		if err != nil {
+			return nil, err
+		}
+		return qcow.NewIncremental(n.img, m)
+	})
 	if err != nil {
 		return nil, errnoOf(n.log, "incremental image", err)
 	}
-	n.inc, n.ver = inc, v
 	return inc, 0
 }
 

@@ -92,13 +92,11 @@ func (c *controlNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, o
 	if h, ok := fh.(*genHandle); ok {
 		data = h.data
 	}
-	if off < 0 {
+	b, ok := readSnapshot(data, dest, off)
+	if !ok {
 		return nil, syscall.EINVAL
 	}
-	if off >= int64(len(data)) {
-		return fuse.ReadResultData(nil), 0
-	}
-	return readData(data[off:min(int64(len(data)), off+int64(len(dest)))]), 0
+	return readData(b), 0
 }
 
 // Write runs the commands in data, one per line, in order, stopping at

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"io"
 	"log/slog"
-	"sync"
 	"syscall"
 
 	"github.com/hanwen/go-fuse/v2/fs"
@@ -21,10 +20,7 @@ type diskNode struct {
 	img *qcow.Image
 	log *slog.Logger
 
-	mu         sync.Mutex // guards the allocated-bytes cache
-	allocVer   uint64
-	allocValid bool
-	allocBytes uint64
+	alloc byVersion[uint64] // the allocated bytes, for st_blocks
 }
 
 var (
@@ -42,24 +38,19 @@ var (
 // shows the allocated bytes of the disk. It is recomputed only after the
 // disk changed.
 func (d *diskNode) allocated() uint64 {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	v := d.img.Version()
-	if d.allocValid && v == d.allocVer {
-		return d.allocBytes
-	}
-	n := uint64(0)
-	err := d.img.Extents(0, d.img.Size(), func(e qcow.Extent) bool {
-		if !e.Zero {
-			n += e.Len
-		}
-		return true
+	n, err := d.alloc.get(d.img.Version(), func() (uint64, error) {
+		n := uint64(0)
+		err := d.img.Extents(0, d.img.Size(), func(e qcow.Extent) bool {
+			if !e.Zero {
+				n += e.Len
+			}
+			return true
+		})
+		return n, err
 	})
 	if err != nil {
 		d.log.Error("count allocated bytes", "err", err)
-		return d.allocBytes
 	}
-	d.allocBytes, d.allocVer, d.allocValid = n, v, true
 	return n
 }
 

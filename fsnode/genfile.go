@@ -3,7 +3,6 @@ package fsnode
 import (
 	"context"
 	"log/slog"
-	"sync"
 	"syscall"
 
 	"github.com/hanwen/go-fuse/v2/fs"
@@ -18,15 +17,10 @@ type genFile struct {
 	fs.Inode
 	log *slog.Logger
 	gen func() ([]byte, error)
-	// version, when set, returns a counter that changes whenever the
-	// content may change; the last generated content is reused while it
-	// stays the same. Nil means the content never changes.
+	// version returns a counter that changes whenever the content may
+	// change; the last generated content is reused while it stays the same.
 	version func() uint64
-
-	mu       sync.Mutex // guards the fields below
-	cache    []byte
-	cached   bool
-	version0 uint64
+	cache   byVersion[[]byte]
 }
 
 var (
@@ -42,20 +36,10 @@ type genHandle struct {
 
 // content returns the current content, generating it if needed.
 func (f *genFile) content() ([]byte, syscall.Errno) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	var v uint64
-	if f.version != nil {
-		v = f.version()
-	}
-	if f.cached && v == f.version0 {
-		return f.cache, 0
-	}
-	b, err := f.gen()
+	b, err := f.cache.get(f.version(), f.gen)
 	if err != nil {
 		return nil, errnoOf(f.log, "generate", err)
 	}
-	f.cache, f.cached, f.version0 = b, true, v
 	return b, 0
 }
 
@@ -95,11 +79,9 @@ func (f *genFile) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off i
 	if !ok {
 		return nil, syscall.EBADF
 	}
-	if off < 0 {
+	b, ok := readSnapshot(h.data, dest, off)
+	if !ok {
 		return nil, syscall.EINVAL
 	}
-	if off >= int64(len(h.data)) {
-		return fuse.ReadResultData(nil), 0
-	}
-	return readData(h.data[off:min(int64(len(h.data)), off+int64(len(dest)))]), 0
+	return readData(b), 0
 }

@@ -68,28 +68,48 @@ func (r *Root) OnAdd(ctx context.Context) {
 	add("disk", &diskNode{img: r.img, log: r.log})
 	add("info", &genFile{log: r.log, version: r.img.Version, gen: r.infoText})
 	add("info.json", &genFile{log: r.log, version: r.img.Version, gen: r.infoJSON})
-	listing := func(mk func(*qcow.Image) (*report.Listing, error), json bool) func() ([]byte, error) {
-		return func() ([]byte, error) {
-			l, err := mk(r.img)
-			if err != nil {
-				return nil, err
-			}
-			if json {
-				return l.JSON(), nil
-			}
-			return l.Text(), nil
-		}
+	for _, l := range []struct {
+		name string
+		mk   func(*qcow.Image) (*report.Listing, error)
+	}{{"allocation", report.Allocation}, {"depth", report.Depth}} {
+		sl := &sharedListing{img: r.img, mk: l.mk}
+		add(l.name, &genFile{log: r.log, version: r.img.Version, gen: sl.text})
+		add(l.name+".json", &genFile{log: r.log, version: r.img.Version, gen: sl.json})
 	}
-	add("allocation", &genFile{log: r.log, version: r.img.Version, gen: listing(report.Allocation, false)})
-	add("allocation.json", &genFile{log: r.log, version: r.img.Version, gen: listing(report.Allocation, true)})
-	add("depth", &genFile{log: r.log, version: r.img.Version, gen: listing(report.Depth, false)})
-	add("depth.json", &genFile{log: r.log, version: r.img.Version, gen: listing(report.Depth, true)})
 
 	r.bitmaps = &bitmapsDir{root: r}
 	r.AddChild("bitmaps", r.NewPersistentInode(ctx, r.bitmaps, fs.StableAttr{Mode: syscall.S_IFDIR, Ino: r.nextIno()}), true)
 	ctl := &controlNode{root: r}
 	r.AddChild("control", r.NewPersistentInode(ctx, ctl, fs.StableAttr{Mode: syscall.S_IFREG, Ino: r.nextIno()}), true)
 	r.syncBitmaps(ctx, false)
+}
+
+// sharedListing is one context's listing, computed once per image
+// version for both its text file and its JSON file.
+type sharedListing struct {
+	img   *qcow.Image
+	mk    func(*qcow.Image) (*report.Listing, error)
+	cache byVersion[*report.Listing]
+}
+
+func (s *sharedListing) listing() (*report.Listing, error) {
+	return s.cache.get(s.img.Version(), func() (*report.Listing, error) { return s.mk(s.img) })
+}
+
+func (s *sharedListing) text() ([]byte, error) {
+	l, err := s.listing()
+	if err != nil {
+		return nil, err
+	}
+	return l.Text(), nil
+}
+
+func (s *sharedListing) json() ([]byte, error) {
+	l, err := s.listing()
+	if err != nil {
+		return nil, err
+	}
+	return l.JSON(), nil
 }
 
 func (r *Root) infoText() ([]byte, error) {

@@ -132,17 +132,47 @@ func (img *Image) Bitmaps() []BitmapInfo {
 
 // Bitmap returns a snapshot of the union of the bitmaps called name in
 // every layer of the chain, at the granularity of the topmost layer that
-// holds one and over the whole disk. It fails with [ErrNoBitmap] when no
-// layer holds name and [ErrInconsistent] when any layer's copy was found
-// in use.
+// holds one and over the whole disk. The snapshot is shared until the
+// image next changes: callers must not modify it. It fails with
+// [ErrNoBitmap] when no layer holds name and [ErrInconsistent] when any
+// layer's copy was found in use.
 func (img *Image) Bitmap(name string) (*dirtymap.Map, error) {
 	img.mu.RLock()
 	defer img.mu.RUnlock()
 	return img.union(name)
 }
 
-// union computes Bitmap; the caller holds img.mu.
+// unionAt is a bitmap union as of an image version.
+type unionAt struct {
+	ver  uint64
+	bits *dirtymap.Map
+}
+
+// union returns Bitmap's snapshot, computed once per image version. The
+// caller holds img.mu, so the version cannot change meanwhile.
 func (img *Image) union(name string) (*dirtymap.Map, error) {
+	v := img.version.Load()
+	img.umu.Lock()
+	c, ok := img.unions[name]
+	img.umu.Unlock()
+	if ok && c.ver == v {
+		return c.bits, nil
+	}
+	m, err := img.computeUnion(name)
+	if err != nil {
+		return nil, err
+	}
+	img.umu.Lock()
+	if img.unions == nil {
+		img.unions = map[string]unionAt{}
+	}
+	img.unions[name] = unionAt{v, m}
+	img.umu.Unlock()
+	return m, nil
+}
+
+// computeUnion merges the bitmaps called name of every layer.
+func (img *Image) computeUnion(name string) (*dirtymap.Map, error) {
 	var union *dirtymap.Map
 	for _, l := range img.layers {
 		q, ok := l.(*qcow2Layer)

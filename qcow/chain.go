@@ -352,6 +352,8 @@ func (img *Image) copyDown(top, base *qcow2Layer, off, n uint64) error {
 		}
 		off += r.n
 	}
+	// The base's bitmaps changed: views of the chain must see it.
+	img.version.Add(1)
 	if bw.dirtyTables() > flushThreshold {
 		return bw.flush()
 	}

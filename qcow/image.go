@@ -67,6 +67,12 @@ type Image struct {
 	// guarded by mu.
 	commitTrack *dirtymap.Map
 
+	// umu guards unions: the bitmap unions computed at a version, shared
+	// by every reader (listings, the dirty view, NBD block status) until
+	// the next change.
+	umu    sync.Mutex
+	unions map[string]unionAt
+
 	closeOnce sync.Once
 	closeErr  error
 }

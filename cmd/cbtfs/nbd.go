@@ -8,9 +8,7 @@ import (
 	"net"
 	"os"
 	"strings"
-	"sync"
 
-	"github.com/cbtfs/cbtfs/dirtymap"
 	"github.com/cbtfs/cbtfs/internal/report"
 	"github.com/cbtfs/cbtfs/nbdlink"
 	"github.com/cbtfs/cbtfs/qcow"
@@ -21,15 +19,6 @@ import (
 // once and both mark the same bitmaps.
 type nbdExport struct {
 	img *qcow.Image
-
-	mu    sync.Mutex // guards cache
-	cache map[string]bitmapAt
-}
-
-// bitmapAt is a bitmap union as of an image version.
-type bitmapAt struct {
-	ver  uint64
-	bits *dirtymap.Map
 }
 
 var _ nbdlink.FastZeroer = (*nbdExport)(nil)
@@ -92,7 +81,9 @@ func (e *nbdExport) BlockStatus(context string, off, n uint64, fn func(length ui
 			return fn(x.Len, uint32(x.Depth))
 		}))
 	case strings.HasPrefix(context, report.ContextBitmapPrefix):
-		m, err := e.bitmap(strings.TrimPrefix(context, report.ContextBitmapPrefix))
+		// The engine keeps the union until the image changes: a client
+		// walking a large disk in many requests does not recompute it.
+		m, err := e.img.Bitmap(strings.TrimPrefix(context, report.ContextBitmapPrefix))
 		if err != nil {
 			return nbdErr(err)
 		}
@@ -105,26 +96,6 @@ func (e *nbdExport) BlockStatus(context string, off, n uint64, fn func(length ui
 		return nil
 	}
 	return fmt.Errorf("%w: unknown meta context %q", nbdlink.ErrOutOfRange, context)
-}
-
-// bitmap returns the union of bitmap name, recomputed only after the
-// image changed: a client walks a large disk in many requests.
-func (e *nbdExport) bitmap(name string) (*dirtymap.Map, error) {
-	v := e.img.Version()
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if c, ok := e.cache[name]; ok && c.ver == v {
-		return c.bits, nil
-	}
-	m, err := e.img.Bitmap(name)
-	if err != nil {
-		return nil, err
-	}
-	if e.cache == nil {
-		e.cache = map[string]bitmapAt{}
-	}
-	e.cache[name] = bitmapAt{v, m}
-	return m, nil
 }
 
 // nbdErr maps engine errors to the NBD errors nbdlink understands.
