@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
-	"os"
 	"unicode/utf8"
 
 	"github.com/cbtfs/cbtfs/dirtymap"
@@ -252,14 +251,7 @@ func (img *Image) eachLayerBitmap(name string, allowInconsistent bool, fn func(*
 		if h.depth == 0 {
 			continue
 		}
-		if err := img.changeBacking(h.depth, func(bq *qcow2Layer) error {
-			b := bq.bitmap(name)
-			if b == nil {
-				return fmt.Errorf("%w: %q vanished from %s", ErrNoBitmap, name, bq.name)
-			}
-			fn(bq, b)
-			return nil
-		}); err != nil {
+		if err := img.changeBacking(h.q, func() { fn(h.q, h.b) }); err != nil {
 			return err
 		}
 	}
@@ -273,74 +265,21 @@ func (img *Image) eachLayerBitmap(name string, allowInconsistent bool, fn func(*
 	return nil
 }
 
-// changeBacking opens backing layer d for writing, applies fn to its
-// bitmaps, stores them cleanly and closes it; the layer is then reopened
-// read-only so that the chain shows the change. The read-only descriptor
-// is closed first: its shared locks would refuse our own write lock. The
-// caller holds img.mu for writing.
-func (img *Image) changeBacking(d int, fn func(*qcow2Layer) error) error {
-	old, ok := img.layers[d].(*qcow2Layer)
-	if !ok {
-		return fmt.Errorf("qcow: layer %d is not qcow2", d+1)
+// changeBacking switches backing layer q to writing (its bitmaps marked
+// in use first), applies change, stores the bitmaps cleanly and switches
+// the layer back to read-only: a backing layer is written for that
+// change alone. The caller holds img.mu for writing.
+func (img *Image) changeBacking(q *qcow2Layer, change func()) error {
+	if err := q.reopenWritable(); err != nil {
+		return err
 	}
-	name := old.name
-	old.close()
-	opErr := func() error {
-		f, err := os.OpenFile(name, os.O_RDWR, 0)
-		if err != nil {
-			return fmt.Errorf("qcow: %s: open for writing: %w", name, err)
-		}
-		defer f.Close()
-		if err := lockFile(name, f, writeLocks); err != nil {
-			return err
-		}
-		bq, err := openQcow2(name, f, nil)
-		if err != nil {
-			return err
-		}
-		if _, err := newWriter(bq); err != nil {
-			return err
-		}
-		if err := fn(bq); err != nil {
-			return err
-		}
-		return bq.w.closeClean()
-	}()
-	// Reopen the read-only view whatever happened.
-	rf, err := os.Open(name)
-	if err == nil {
-		var nq *qcow2Layer
-		if nq, err = openQcow2(name, rf, nil); err == nil {
-			if err = lockFile(name, rf, readLocks); err == nil {
-				img.layers[d] = nq
-			}
-		}
-		if err != nil {
-			rf.Close()
-		}
+	change()
+	err := q.w.closeClean()
+	if rerr := q.reopenReadOnly(); rerr != nil {
+		return errors.Join(err, rerr)
 	}
-	if err != nil {
-		// The chain lost a layer it cannot reopen: keep a layer that
-		// fails every access rather than serve wrong data.
-		img.layers[d] = &brokenLayer{name: name, size: old.virtualSize(), err: err}
-		return errors.Join(opErr, fmt.Errorf("qcow: %s: reopen read-only: %w", name, err))
-	}
-	return opErr
+	return err
 }
-
-// brokenLayer stands for a backing layer that could not be reopened.
-type brokenLayer struct {
-	name string
-	size uint64
-	err  error
-}
-
-func (b *brokenLayer) path() string                        { return b.name }
-func (b *brokenLayer) format() string                      { return "qcow2" }
-func (b *brokenLayer) virtualSize() uint64                 { return b.size }
-func (b *brokenLayer) mapRange(off, n uint64) (run, error) { return run{}, b.err }
-func (b *brokenLayer) readRun(run, []byte, uint64) error   { return b.err }
-func (b *brokenLayer) close() error                        { return nil }
 
 // StoreBitmaps writes every bitmap of the top layer to the image now, in
 // qemu's format and with the in-use flags cleared, so that qemu-img info

@@ -163,13 +163,6 @@ func (x *Incremental) layout() error {
 // Size returns the length of the generated file in bytes.
 func (x *Incremental) Size() uint64 { return x.total * x.cs }
 
-// DataClusters returns the number of dirty clusters stored as data, and
-// ZeroClusters those stored as zero clusters.
-func (x *Incremental) DataClusters() int { return len(x.dataGC) }
-
-// ZeroClusters returns the number of dirty clusters that read as zeros.
-func (x *Incremental) ZeroClusters() int { return len(x.dirty) - len(x.dataGC) }
-
 // ReadAt reads the generated file.
 func (x *Incremental) ReadAt(p []byte, off int64) (int, error) {
 	if off < 0 {

@@ -103,9 +103,7 @@ func (w *writer) alloc(n uint64) (uint64, error) {
 	}
 	for k := uint64(0); k < n; k++ {
 		if err := w.rc.add(x+k, 1); err != nil {
-			for j := uint64(0); j < k; j++ {
-				_ = w.rc.add(x+j, -1)
-			}
+			w.unalloc(x, k)
 			return 0, err
 		}
 	}
@@ -310,19 +308,11 @@ func (w *writer) cowCluster(img *Image, t *table, idx, e, gc, within uint64, dat
 		}
 		return w.ioErr("write data", err)
 	}
-	if host+cs > w.fileEnd && !fresh {
-		w.fileEnd = host + cs
-	} else if fresh {
-		w.fileEnd = max(w.fileEnd, host+cs)
-	}
+	w.fileEnd = max(w.fileEnd, host+cs)
 	t.setU64(idx, host|entryCopied)
 	w.markL2(t)
-	switch {
-	case compressed:
-		d := decodeCompressed(e&^(entryCopied|entryCompressed), l.clusterBits)
-		w.freeLater(d.off, d.size)
-	case oldHost != 0 && !reuse:
-		w.freeLater(oldHost, cs)
+	if !reuse {
+		w.releaseEntry(e)
 	}
 	return nil
 }
@@ -382,11 +372,8 @@ func (w *writer) writeExt(img *Image, t *table, idx, gc, within uint64, data []b
 		alloc := bm & subAllocMask
 		if e&entryCompressed != 0 {
 			alloc = subAllocMask
-			d := decodeCompressed(e&^(entryCopied|entryCompressed), l.clusterBits)
-			w.freeLater(d.off, d.size)
-		} else {
-			w.freeLater(host, cs)
 		}
+		w.releaseEntry(e)
 		alloc |= touched
 		zero := (bm >> 32) &^ alloc
 		t.setU64(2*idx, x*cs|entryCopied)
@@ -505,14 +492,10 @@ func (w *writer) zeroCluster(img *Image, gc uint64, unmap, discard bool) error {
 		host := e & l2OffsetMask
 		const allZero = uint64(subAllocMask) << 32
 		ne := uint64(0)
-		switch {
-		case e&entryCompressed != 0:
-			d := decodeCompressed(e&^(entryCopied|entryCompressed), l.clusterBits)
-			w.freeLater(d.off, d.size)
-		case host != 0 && e&entryCopied != 0 && !unmap:
-			ne = host | entryCopied
-		case host != 0:
-			w.freeLater(host, cs)
+		if e&entryCompressed == 0 && host != 0 && e&entryCopied != 0 && !unmap {
+			ne = host | entryCopied // keep the owned cluster allocated
+		} else {
+			w.releaseEntry(e)
 		}
 		t.setU64(2*idx, ne)
 		t.setU64(2*idx+1, allZero)
