@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"syscall"
 	"testing"
 
@@ -133,30 +131,15 @@ func TestSeekDataHole(t *testing.T) {
 	}
 }
 
-// dataSpans parses `nbdinfo --map` text output and returns the merged
-// ranges whose type is not 3 (hole,zero).
+// dataSpans parses `nbdinfo --map` output and returns the merged ranges
+// whose type is not 3 (hole,zero).
 func dataSpans(t *testing.T, out string) []span {
 	t.Helper()
 	var spans []span
-	for line := range strings.Lines(out) {
-		f := strings.Fields(line)
-		if len(f) < 3 {
-			t.Fatalf("nbdinfo --map: bad line %q", line)
+	for _, e := range parseNbdinfoMap(t, out) {
+		if e.Type != 3 {
+			spans = addSpan(spans, span{e.Off, e.Len})
 		}
-		off, err1 := strconv.ParseInt(f[0], 10, 64)
-		n, err2 := strconv.ParseInt(f[1], 10, 64)
-		typ, err3 := strconv.Atoi(f[2])
-		if err := errors.Join(err1, err2, err3); err != nil {
-			t.Fatalf("nbdinfo --map: bad line %q: %v", line, err)
-		}
-		if typ == 3 {
-			continue
-		}
-		if k := len(spans); k > 0 && spans[k-1].Off+spans[k-1].Len == off {
-			spans[k-1].Len += n
-			continue
-		}
-		spans = append(spans, span{off, n})
 	}
 	return spans
 }

@@ -148,40 +148,27 @@ func (d *talkDisk) requireContent(want string) {
 	}
 }
 
-// listing parses an nbdinfo-format listing file of the mount into extents.
-func (d *talkDisk) listing(rel string) [][3]uint64 {
+// allocated reports per cluster whether a listing file of the mount (in
+// nbdinfo's format) marks any of it with a non-zero type (depth: allocated
+// somewhere; bitmap: dirty).
+func (d *talkDisk) allocated(rel string) []bool {
 	d.t.Helper()
 	data, err := os.ReadFile(filepath.Join(d.m.Dir, rel))
 	if err != nil {
 		d.t.Fatal(err)
 	}
-	var out [][3]uint64
-	for _, line := range strings.Split(strings.TrimSpace(string(data)), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 3 {
-			d.t.Fatalf("%s: bad line %q", rel, line)
-		}
-		var e [3]uint64
-		for i := range e {
-			if e[i], err = strconv.ParseUint(f[i], 10, 64); err != nil {
-				d.t.Fatalf("%s: bad line %q", rel, line)
-			}
-		}
-		out = append(out, e)
-	}
-	return out
+	return clustersOfType(parseNbdinfoMap(d.t, string(data)), d.g.clusterSize)
 }
 
-// allocated reports per cluster whether a listing marks any of it with a
-// non-zero type (depth: allocated somewhere; bitmap: dirty).
-func (d *talkDisk) allocated(rel string) []bool {
-	d.t.Helper()
+// clustersOfType reports per cluster whether an extent of non-zero type
+// touches it.
+func clustersOfType(es []mapExtent, cs uint64) []bool {
 	out := make([]bool, nClusters)
-	for _, e := range d.listing(rel) {
-		if e[2] == 0 {
+	for _, e := range es {
+		if e.Type == 0 {
 			continue
 		}
-		for c := e[0] / d.g.clusterSize; c < nClusters && c*d.g.clusterSize < e[0]+e[1]; c++ {
+		for c := uint64(e.Off) / cs; c < nClusters && int64(c*cs) < e.Off+e.Len; c++ {
 			out[c] = true
 		}
 	}
@@ -191,15 +178,7 @@ func (d *talkDisk) allocated(rel string) []bool {
 // bitmap returns the dirty clusters of bitmap name as 'X' and '-'.
 func (d *talkDisk) bitmap(name string) string {
 	d.t.Helper()
-	var s strings.Builder
-	for _, dirty := range d.allocated("bitmaps/" + name + "/extents") {
-		if dirty {
-			s.WriteByte('X')
-		} else {
-			s.WriteByte('-')
-		}
-	}
-	return s.String()
+	return xLetters(d.allocated("bitmaps/" + name + "/extents"))
 }
 
 func (d *talkDisk) requireBitmap(name, want string) {
@@ -462,18 +441,11 @@ func TestWorkflowExternalSnapshot(t *testing.T) {
 // bitmapLetters turns an nbdinfo dirty-bitmap listing into X and '-'.
 func bitmapLetters(t *testing.T, listing string, cs uint64) string {
 	t.Helper()
-	dirty := make([]bool, nClusters)
-	for _, line := range strings.Split(strings.TrimSpace(listing), "\n") {
-		f := strings.Fields(line)
-		off, _ := strconv.ParseUint(f[0], 10, 64)
-		n, _ := strconv.ParseUint(f[1], 10, 64)
-		if f[2] != "1" {
-			continue
-		}
-		for c := off / cs; c < nClusters && c*cs < off+n; c++ {
-			dirty[c] = true
-		}
-	}
+	return xLetters(clustersOfType(parseNbdinfoMap(t, listing), cs))
+}
+
+// xLetters shows dirty clusters as X and clean ones as '-'.
+func xLetters(dirty []bool) string {
 	var s strings.Builder
 	for _, x := range dirty {
 		if x {
