@@ -3,6 +3,7 @@ package qcow
 import (
 	"encoding/binary"
 	"fmt"
+	"math/bits"
 	"sync"
 )
 
@@ -35,6 +36,7 @@ type qcow2Layer struct {
 	clusterBits uint32
 	clusterSize uint64
 	l2Entries   uint64 // entries per L2 table
+	l1Bits      uint64 // log2 of the guest bytes one L1 entry (one L2 table) covers
 	unitBits    uint32 // subcluster size bits with extended L2, else clusterBits
 
 	l1        []uint64
@@ -77,6 +79,7 @@ func openQcow2(name string, f File, opts *Options) (*qcow2Layer, error) {
 		clusterBits: h.clusterBits,
 		clusterSize: h.clusterSize(),
 		l2Entries:   h.l2Entries(),
+		l1Bits:      uint64(h.clusterBits) + uint64(bits.TrailingZeros64(h.l2Entries())),
 		unitBits:    h.clusterBits,
 	}
 	if h.extL2() {
@@ -214,7 +217,7 @@ func (l *qcow2Layer) classify(tbl *table, i uint64, sc uint64) (runKind, uint64,
 // extends past its cluster.
 func (l *qcow2Layer) mapRange(off, n uint64) (run, error) {
 	cb := l.clusterBits
-	covBits := uint64(cb) + uint64(log2(l.l2Entries)) // bytes covered by one L2 table, log2
+	covBits := l.l1Bits
 	l1i := off >> covBits
 	if l1i >= uint64(len(l.l1)) || l.l1[l1i]&l1OffsetMask == 0 {
 		// Unallocated L1 entries: skip whole L2 coverages at once.
@@ -321,13 +324,4 @@ func (l *qcow2Layer) cluster(entry uint64) ([]byte, error) {
 	l.zlast.entry, l.zlast.data = entry, dst
 	l.zmu.Unlock()
 	return dst, nil
-}
-
-func log2(v uint64) uint {
-	n := uint(0)
-	for v > 1 {
-		v >>= 1
-		n++
-	}
-	return n
 }

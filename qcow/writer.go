@@ -140,7 +140,7 @@ func (w *writer) markL2(t *table) {
 func (w *writer) l2ForWrite(off uint64) (*table, uint64, error) {
 	l := w.l
 	cs := l.clusterSize
-	covBits := uint64(l.clusterBits) + uint64(log2(l.l2Entries))
+	covBits := l.l1Bits
 	l1i := off >> covBits
 	if l1i >= uint64(len(l.l1)) {
 		return nil, 0, fmt.Errorf("%w: offset %d beyond the L1 table", ErrOutOfRange, off)
